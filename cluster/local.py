@@ -1,0 +1,65 @@
+"""Connecting to Ray: the embedded local cluster by default, an existing cluster by address.
+
+Why the logical CPU count is above the core count: a Tune trial that launches a Ray Train worker
+group holds its own slot while the group's workers ask for theirs, and a finished trial's group
+releases its CPU a moment after the next trial asks. With exactly as many logical CPUs as cores
+the next group waits forever (seen with `ray.init(num_cpus=2)` on 2 cores). Threads are set per
+worker instead, so the cores are not oversubscribed.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+# Environment every Ray worker gets: one tokenizer thread pool is plenty, and Ray's own
+# metrics exporter and usage reporting would only try to reach the network.
+WORKER_ENV = {
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+
+
+def physical_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def threads_per_worker(concurrency: int, workers_per_trial: int) -> int:
+    """Torch threads for each trial worker so that all running workers share the cores."""
+    return max(1, physical_cores() // max(1, concurrency * workers_per_trial))
+
+
+def logical_cpus(concurrency: int, workers_per_trial: int) -> int:
+    # each running trial: its workers plus headroom for the group that is still shutting down
+    return max(physical_cores(), 2 * concurrency * workers_per_trial + 2)
+
+
+def connect(address: Optional[str], concurrency: int, workers_per_trial: int) -> bool:
+    """Start or join Ray. Returns True when this process started an embedded cluster."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True)
+        return False
+    ray.init(
+        num_cpus=logical_cpus(concurrency, workers_per_trial),
+        include_dashboard=False,            # nothing listens beyond loopback on a laptop
+        _node_ip_address="127.0.0.1",
+        runtime_env={"env_vars": WORKER_ENV},
+        configure_logging=True,
+        logging_level="WARNING",
+        log_to_driver=True,
+    )
+    return True
+
+
+def shutdown(started_here: bool) -> None:
+    import ray
+
+    if started_here and ray.is_initialized():
+        ray.shutdown()

@@ -1,0 +1,114 @@
+"""`peft-search`: validate | run | report | export (INTERFACE.md).
+
+Exit codes: 0 done; 1 runtime failure; 2 invalid input, nothing launched. Invalid input is
+reported one problem per line on stderr, each naming its key path, before Ray starts.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import List, Optional
+
+EXIT_OK, EXIT_RUNTIME, EXIT_INVALID = 0, 1, 2
+
+
+def _problems_exit(problems: List[str]) -> int:
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    return EXIT_INVALID
+
+
+def _load(path: str):
+    from search.validate import validate_file
+
+    return validate_file(path)
+
+
+def cmd_validate(args) -> int:
+    spec, problems = _load(args.spec)
+    if problems:
+        return _problems_exit(problems)
+    print(f"{args.spec}: valid ({spec.peft.method} on {spec.model.name_or_path}, {len(spec.search_space())} "
+          f"searched parameters, {spec.search.trials} trials)")
+    return EXIT_OK
+
+
+def cmd_run(args) -> int:
+    spec, problems = _load(args.spec)
+    if problems:
+        return _problems_exit(problems)
+    from search.driver import run_search
+    from search.rundir import RunDirError
+
+    try:
+        run_dir = run_search(spec, args.runs_dir, address=args.address)
+    except RunDirError as exc:
+        return _problems_exit([f"--runs-dir: {exc}"])
+    except KeyboardInterrupt:
+        print("interrupted; finished trials are kept in the run directory", file=sys.stderr)
+        return EXIT_RUNTIME
+    return _print_report(run_dir)
+
+
+def _print_report(run_dir: str) -> int:
+    with open(os.path.join(run_dir, "report.md"), encoding="utf-8") as handle:
+        print(handle.read())
+    print(f"run directory: {run_dir}")
+    return EXIT_OK
+
+
+def cmd_report(args) -> int:
+    from search import outputs
+    from search.rundir import RunDirError
+
+    try:
+        outputs.refresh(os.path.abspath(args.run_dir))
+    except (RunDirError, FileNotFoundError) as exc:
+        return _problems_exit([f"RUN_DIR: {exc}"])
+    return _print_report(os.path.abspath(args.run_dir))
+
+
+def cmd_export(args) -> int:
+    from search.export import ExportError, export_adapter
+
+    try:
+        path = export_adapter(os.path.abspath(args.run_dir), args.out, trial=args.trial, merge=args.merge)
+    except ExportError as exc:
+        return _problems_exit([str(exc)])
+    print(f"wrote {path}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peft-search", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("validate", help="check a spec, its model and data; launches nothing")
+    p.add_argument("spec")
+    p.set_defaults(func=cmd_validate)
+    p = sub.add_parser("run", help="run the search (embedded local Ray unless --address / RAY_ADDRESS)")
+    p.add_argument("spec")
+    p.add_argument("--runs-dir", default="runs", help="parent of the run directory (default: ./runs)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or embedded)")
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("report", help="(re)build trials.csv, best/ and report.md from stored results")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_report)
+    p = sub.add_parser("export", help="write the best (or trial N's) adapter, or a merged model")
+    p.add_argument("run_dir")
+    p.add_argument("--trial", type=int, default=None)
+    p.add_argument("--merge", action="store_true")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""The search: Ray Tune drives Optuna (in the run directory's storage) and ASHA over the trials.
+
+run_search() prepares the run directory, connects to Ray, runs the Tuner and finishes with the
+run directory's outputs (trials.csv, best/, report.md) rebuilt from the Optuna storage.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Optional
+
+from cluster import local
+from search import outputs
+from search.rundir import prepare_run_dir
+from search.schedulers import make_scheduler
+from search.searcher import PeftOptunaSearch, make_sampler
+from search.storage import STUDY_NAME, open_storage
+from search.trial import tune_trial
+
+log = logging.getLogger("peft_search")
+
+
+def run_search(spec, runs_dir: str, address: Optional[str] = None) -> str:
+    """Run the whole search; returns the run directory."""
+    run_dir = prepare_run_dir(spec, runs_dir)
+    started = time.time()
+    # A failing trial reports only its reason; Tune's strict check would turn that into a
+    # driver-side error instead of a FAIL row.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    started_ray = local.connect(address, spec.search.concurrency, spec.resources.workers_per_trial)
+    try:
+        _fit(spec, run_dir)
+    finally:
+        local.shutdown(started_ray)
+        outputs.refresh(run_dir, wall_s=time.time() - started)
+    return run_dir
+
+
+def _fit(spec, run_dir: str) -> None:
+    from ray import tune
+
+    metric, mode = spec.objective.metric, spec.objective.mode
+    space = spec.search_space()
+    searcher = PeftOptunaSearch(
+        space=space, metric=metric, mode=mode,
+        sampler=make_sampler(spec.search.algorithm, spec.search.seed, grid=_grid(space)),
+        study_name=STUDY_NAME, storage=open_storage(spec.storage, run_dir), seed=spec.search.seed,
+        decode=spec.decode,
+    )
+    scheduler = make_scheduler(spec.search.scheduler, metric, mode, spec.max_rounds, spec.search.grace_rounds)
+    threads = local.threads_per_worker(spec.search.concurrency, spec.resources.workers_per_trial)
+    trainable = tune.with_parameters(tune_trial, spec=spec, run_dir=run_dir, threads_per_worker=threads)
+    tuner = tune.Tuner(
+        # the trial function only waits on its worker group, which holds the real resources
+        tune.with_resources(trainable, {"cpu": 0.01}),
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=spec.search.trials,
+                                    max_concurrent_trials=spec.search.concurrency, reuse_actors=False),
+        run_config=tune.RunConfig(name="tune", storage_path=os.path.join(run_dir, "ray"), verbose=1,
+                                  failure_config=tune.FailureConfig(max_failures=0)),
+    )
+    tuner.fit()
+
+
+def _grid(space):
+    """Grid search enumerates categorical choices; ranges must be given as lists for it."""
+    import optuna
+
+    grid = {}
+    for name, dist in space.items():
+        if isinstance(dist, optuna.distributions.CategoricalDistribution):
+            grid[name] = list(dist.choices)
+        elif isinstance(dist, optuna.distributions.IntDistribution) and not dist.log:
+            grid[name] = list(range(dist.low, dist.high + 1, dist.step))
+    return grid

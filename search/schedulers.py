@@ -1,0 +1,26 @@
+"""Early-stopping schedulers across trials: name -> factory, imported lazily."""
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+
+def _asha(metric: str, mode: str, max_rounds: int, grace_rounds: int):
+    from ray.tune.schedulers import ASHAScheduler
+
+    # The time unit is the eval round (one report each); reduction factor 3 is ASHA's default
+    # and keeps roughly one trial in three at every rung.
+    return ASHAScheduler(time_attr="training_iteration", metric=metric, mode=mode, max_t=max_rounds,
+                         grace_period=min(grace_rounds, max_rounds), reduction_factor=3)
+
+
+def _none(metric: str, mode: str, max_rounds: int, grace_rounds: int):
+    from ray.tune.schedulers import FIFOScheduler
+
+    return FIFOScheduler()
+
+
+SCHEDULERS: Dict[str, Callable] = {"asha": _asha, "none": _none}
+
+
+def make_scheduler(name: str, metric: str, mode: str, max_rounds: int, grace_rounds: int = 1):
+    return SCHEDULERS[name](metric, mode, max_rounds, grace_rounds)

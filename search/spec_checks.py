@@ -1,0 +1,167 @@
+"""Checks of a spec against the outside world: data files and the model (inspected, not loaded).
+
+Each function returns problems (`key.path: what is wrong, got X`); none raises for bad input.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any, Dict, List, Mapping, Sequence
+
+from search.spec_sections import DataSection
+from spaces import targets as target_presets
+from spaces.kinds import Kind, RatioTo
+from trainers.hub import MODEL_ALIASES, looks_like_local_path
+from trainers.records import DataError, is_local_source, read_records
+
+_MAX_SHOWN = 8
+
+
+def _fields_of(rows: Sequence[Mapping[str, Any]]) -> str:
+    names = sorted({str(key) for row in rows[:100] for key in row})
+    return ", ".join(names[:_MAX_SHOWN]) + (", ..." if len(names) > _MAX_SHOWN else "") or "none"
+
+
+def _missing_field(rows: Sequence[Mapping[str, Any]], name: str) -> List[int]:
+    return [index for index, row in enumerate(rows, start=1)
+            if row.get(name) is None or (isinstance(row.get(name), str) and not row.get(name).strip())]
+
+
+def data_problems(data: DataSection, task: str) -> List[str]:
+    """Files exist, have rows, and every row has the text (and label) field."""
+    problems: List[str] = []
+    rows_by_key: Dict[str, List[Mapping[str, Any]]] = {}
+    for key in ("train", "eval"):
+        source = getattr(data, key)
+        if source is None:
+            continue
+        if not is_local_source(source):
+            if importlib.util.find_spec("datasets") is None:
+                problems.append(f"data.{key}: {source!r} is not a local file, and HF dataset ids need "
+                                f"pip install 'peft-search[hub-datasets]'")
+            continue  # a hub dataset is checked when it is loaded; validate downloads nothing
+        try:
+            rows = read_records(source, split=key)
+        except DataError as exc:
+            problems.append(f"data.{key}: {exc} (relative paths are read from the spec file's directory)"
+                            if "no such file" in str(exc) else f"data.{key}: {exc}")
+            continue
+        if not rows:
+            problems.append(f"data.{key}: has no rows, got an empty file {source}")
+            continue
+        rows_by_key[key] = rows
+        fields = [("text_field", data.text_field)]
+        if task == "sequence-classification" and data.label_field:
+            fields.append(("label_field", data.label_field))
+        for field_key, name in fields:
+            missing = _missing_field(rows, name)
+            if missing:
+                problems.append(f"data.{field_key}: {name!r} is missing or empty in {len(missing)} of {len(rows)} rows "
+                                f"of data.{key} (first: row {missing[0]}); the rows have: {_fields_of(rows)}")
+    train = rows_by_key.get("train")
+    if train and data.eval is None and int(len(train) * data.eval_fraction) < 1:
+        problems.append(f"data.eval_fraction: {data.eval_fraction} of {len(train)} rows leaves no eval row; "
+                        f"give data.eval or more rows, got {data.eval_fraction}")
+    if task == "sequence-classification" and data.label_field and train:
+        labels = {str(row.get(data.label_field)) for row in train if row.get(data.label_field) is not None}
+        if len(labels) == 1:
+            problems.append(f"data.label_field: needs at least 2 distinct labels in data.train, got only {labels.pop()!r}")
+        eval_rows = rows_by_key.get("eval")
+        if eval_rows and len(labels) > 1:
+            unseen = sorted({str(row.get(data.label_field)) for row in eval_rows
+                             if row.get(data.label_field) is not None} - labels)
+            if unseen:
+                problems.append(f"data.eval: labels not in data.train: {', '.join(unseen[:_MAX_SHOWN])}")
+    return problems
+
+
+def inspect_reference(name_or_path: str, task: str):
+    """(ModelShape or None, problems). Skips (no problem) a hub id that would be downloaded at run time."""
+    from trainers.inspect import ModelReferenceError, inspect_model
+
+    expanded = os.path.expanduser(name_or_path)
+    local = name_or_path in MODEL_ALIASES or os.path.isdir(expanded)
+    if not local and looks_like_local_path(name_or_path):
+        return None, [f"model.name_or_path: no such directory, got {name_or_path!r}"]
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    try:
+        return inspect_model(name_or_path, task), []
+    except ModelReferenceError as exc:
+        if local or offline:
+            return None, [f"model.name_or_path: {exc}"]
+        return None, []  # a hub id, not cached: transformers downloads it when the trial starts
+
+
+def _where(key: str, space: Mapping[str, Kind], home: str = "peft") -> str:
+    return f"space.{key}" if key in space else f"{home}.{key}"
+
+
+def _candidates(key: str, fixed: Mapping[str, Any], space: Mapping[str, Kind]) -> List[Any]:
+    """Every value `key` may take: the fixed one, or each choice / the bounds of the searched one."""
+    if key in space and not isinstance(space[key], RatioTo):
+        return [value for _subpath, value in space[key].extremes()]
+    return [fixed.get(key)]
+
+
+def resolve_modules(requested: Any, model_type: str, method: str, feedforward: bool = False) -> Any:
+    """'auto' -> the preset list (UnknownArchitecture when there is none); lists and 'all-linear' as given."""
+    if requested != "auto":
+        return list(requested) if isinstance(requested, (list, tuple)) else requested
+    if feedforward:
+        return target_presets.preset_feedforward_modules(model_type)
+    return target_presets.preset_target_modules(model_type, method)
+
+
+def shape_problems(shape, method: str, fixed: Mapping[str, Any], space: Mapping[str, Kind],
+                   max_length_where: str) -> List[str]:
+    """Target modules exist, ranks fit the targeted layers, virtual tokens fit the positions."""
+    problems: List[str] = []
+    if "target_modules" in fixed or "target_modules" in space:
+        where = _where("target_modules", space)
+        for requested in _candidates("target_modules", fixed, space):
+            try:
+                modules = resolve_modules(requested, shape.model_type, method)
+            except target_presets.UnknownArchitecture as exc:
+                problems.append(f"{where}: {exc}")
+                continue
+            problems += [f"{where}: {message}" for message in target_presets.check_target_modules(shape, modules)]
+            if problems:
+                continue
+            if "r" in fixed or "r" in space:
+                largest_rank = max(_candidates("r", fixed, space))
+                smallest = target_presets.smallest_dimension(shape, modules)
+                if smallest is not None and largest_rank > smallest:
+                    shown = modules if isinstance(modules, str) else ", ".join(modules)
+                    problems.append(f"{_where('r', space)}: rank must be <= {smallest}, the smallest dimension "
+                                    f"of the targeted layers ({shown}), got {largest_rank}")
+            if method == "ia3":
+                problems += _feedforward_problems(shape, modules, fixed, space)
+    positions = shape.max_position_embeddings
+    if positions:
+        longest = max(_candidates("max_length", fixed, space))
+        tokens = max(_candidates("num_virtual_tokens", fixed, space)) if "num_virtual_tokens" in fixed else 0
+        if longest > positions:
+            problems.append(f"{max_length_where}: must be <= {positions} (the model's max_position_embeddings), got {longest}")
+        elif longest + tokens > positions:
+            problems.append(f"{_where('num_virtual_tokens', space)}: num_virtual_tokens + max_length must be <= "
+                            f"{positions} (the model's max_position_embeddings), got {tokens} + {longest}")
+    return problems
+
+
+def _feedforward_problems(shape, targets: Any, fixed: Mapping[str, Any], space: Mapping[str, Kind]) -> List[str]:
+    where = _where("feedforward_modules", space)
+    problems = []
+    for requested in _candidates("feedforward_modules", fixed, space):
+        try:
+            feedforward = resolve_modules(requested, shape.model_type, "ia3", feedforward=True)
+        except target_presets.UnknownArchitecture as exc:
+            problems.append(f"{where}: {exc}")
+            continue
+        if requested == "auto" and fixed.get("target_modules") != "auto":
+            continue  # the preset is cut down to the given targets when the trial is built
+        problems += [f"{where}: {message}" for message in target_presets.check_target_modules(shape, feedforward)]
+        outside = [name for name in feedforward if name not in targets]
+        if outside:
+            problems.append(f"{where}: feed-forward modules must also be target modules "
+                            f"({', '.join(targets)}), got {', '.join(outside)}")
+    return problems

@@ -1,0 +1,183 @@
+"""The fixed-shape sections of a spec: model, data, training, objective, search, resources, tracking,
+and the storage URL. (peft and space depend on the method: see search/spec_params.py.)
+
+Each section is a frozen dataclass checked at construction (search/spec_fields.py); keys not in
+INTERFACE.md are marked `# added`, with the reason.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from dataclasses import dataclass
+from typing import List, Optional, Tuple, Union
+from urllib.parse import urlsplit
+
+from search.spec_fields import Section, rule
+from spaces.methods import TRAINING_PARAMS
+from trainers.settings import QUANTIZATIONS, TASKS
+
+NAME_PATTERN = r"[A-Za-z0-9._-]+"
+ALGORITHMS = ("tpe", "random", "grid", "nsga2")
+SCHEDULERS = ("asha", "none")
+WANDB_MODES = ("offline", "online", "disabled")
+DTYPES = ("auto", "float32", "bfloat16")
+# Figures every trial reports besides its eval_* metrics (INTERFACE.md, trials.csv); any may be an objective.
+SYSTEM_METRICS = ("tokens_per_s", "peak_mem_mb", "adapter_mb", "train_s", "energy_j")
+# Metrics the trainer reports per task, and which way is better.
+TASK_METRICS = {
+    "sequence-classification": {"eval_loss": "min", "eval_accuracy": "max", "eval_f1": "max"},
+    "causal-lm": {"eval_loss": "min", "eval_perplexity": "min", "eval_accuracy": "max"},
+}
+SYSTEM_MODES = {"tokens_per_s": "max", "peak_mem_mb": "min", "adapter_mb": "min", "train_s": "min", "energy_j": "min"}
+DEFAULT_METRIC = {"sequence-classification": "eval_accuracy", "causal-lm": "eval_loss"}
+
+
+@dataclass(frozen=True)
+class ModelSection(Section):
+    PATH = "model"
+    name_or_path: str = rule()
+    task: str = rule("sequence-classification", choices=TASKS)
+    quantization: str = rule("none", choices=QUANTIZATIONS)
+    dtype: str = rule("auto", choices=DTYPES)   # added: trainers.settings.ModelSettings has it
+
+
+@dataclass(frozen=True)
+class DataSection(Section):
+    PATH = "data"
+    train: str = rule()
+    eval: Optional[str] = rule(None, nullable=True)
+    text_field: str = rule("text")
+    label_field: Optional[str] = rule(None, nullable=True)    # required for sequence-classification
+    max_length: int = rule(TRAINING_PARAMS["max_length"].default, param=TRAINING_PARAMS["max_length"])
+    # added: share of train held out for eval when `eval` is not given (a seeded, fixed split)
+    eval_fraction: float = rule(0.2, "float", low=0, low_open=True, high=1, high_open=True)
+
+
+def _training_rule(name: str):
+    return rule(TRAINING_PARAMS[name].default, param=TRAINING_PARAMS[name])
+
+
+@dataclass(frozen=True)
+class TrainingSection(Section):
+    """Fixed training values (the defaults for keys that `space:` does not search)."""
+    PATH = "training"
+    learning_rate: float = _training_rule("learning_rate")
+    epochs: int = _training_rule("epochs")
+    batch_size: int = _training_rule("batch_size")
+    gradient_accumulation_steps: int = _training_rule("gradient_accumulation_steps")
+    warmup_ratio: float = _training_rule("warmup_ratio")
+    weight_decay: float = _training_rule("weight_decay")
+    max_grad_norm: float = _training_rule("max_grad_norm")   # added
+    max_steps: Optional[int] = _training_rule("max_steps")   # added: cap on optimizer steps (smoke runs)
+
+
+@dataclass(frozen=True)
+class ObjectiveSection(Section):
+    """One metric, or several (a list) for multi-objective search (nsga2); `mode` per metric."""
+    PATH = "objective"
+    # one name (str), or several (tuple) for multi-objective search; empty: the task's default
+    metric: Union[str, Tuple[str, ...]] = rule((), "names")
+    mode: Union[str, Tuple[str, ...]] = rule((), "names", choices=("min", "max"))
+
+    @property
+    def metrics(self) -> Tuple[str, ...]:
+        return (self.metric,) if isinstance(self.metric, str) else tuple(self.metric)
+
+    @property
+    def modes(self) -> Tuple[str, ...]:
+        return (self.mode,) if isinstance(self.mode, str) else tuple(self.mode)
+
+    def field_problems(self) -> List[str]:  # () means "not given yet": allowed until the task fills it
+        if self.metric == () and self.mode == ():
+            return []
+        if self.mode == ():
+            return [p for p in super().field_problems() if not p.startswith("objective.mode")]
+        return super().field_problems()
+
+    def extra_problems(self) -> List[str]:
+        problems = []
+        for name in self.metrics:
+            if not (name.startswith("eval_") or name in SYSTEM_METRICS):
+                problems.append(f"objective.metric: must be an eval_* metric (eval_loss, eval_accuracy, ...) "
+                                f"or one of {', '.join(SYSTEM_METRICS)}, got {name!r}")
+        if self.modes and len(self.modes) != len(self.metrics):
+            problems.append(f"objective.mode: needs one mode per metric ({len(self.metrics)}), got {len(self.modes)}")
+        return problems
+
+
+@dataclass(frozen=True)
+class SearchSection(Section):
+    PATH = "search"
+    algorithm: str = rule("tpe", choices=ALGORITHMS)
+    trials: int = rule(20, "int", low=1)
+    concurrency: int = rule(1, "int", low=1)
+    scheduler: str = rule("asha", choices=SCHEDULERS)
+    seed: int = rule(0, "int", low=0)               # added: sampler, data split and trial seeds
+    # added: eval rounds per epoch; one round = one report = ASHA's time unit
+    evals_per_epoch: int = rule(1, "int", low=1)
+    grace_rounds: int = rule(1, "int", low=1)       # added: rounds before ASHA may stop a trial
+    reduction_factor: int = rule(3, "int", low=2)   # added: ASHA keeps 1/reduction_factor per rung
+
+
+@dataclass(frozen=True)
+class DeepSpeedSection(Section):
+    PATH = "resources.deepspeed"
+    enabled: bool = rule(True, "bool")              # added: `deepspeed: false` turns it off
+    zero_stage: int = rule(2, "int", low=0, high=3)  # 2: sharded optimizer state and gradients
+
+
+@dataclass(frozen=True)
+class ResourcesSection(Section):
+    PATH = "resources"
+    workers_per_trial: int = rule(1, "int", low=1)
+    gpus_per_worker: float = rule(0.0, "float", low=0)   # fractions share a GPU between trials
+    cpus_per_worker: float = rule(1.0, "float", low=0, low_open=True)  # added
+    deepspeed: DeepSpeedSection = rule(type="section", section=DeepSpeedSection)
+
+
+@dataclass(frozen=True)
+class TrackingSection(Section):
+    PATH = "tracking"
+    wandb: str = rule("offline", choices=WANDB_MODES)
+    project: Optional[str] = rule(None, nullable=True)    # added: W&B project (default: the spec's name)
+    entity: Optional[str] = rule(None, nullable=True)     # added
+    # added, discouraged: prefer the WANDB_API_KEY environment variable; redacted in spec.yaml
+    api_key: Optional[str] = rule(None, nullable=True)
+
+
+STORAGE_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg2")
+
+
+def storage_problems(url: object, check_environment: bool = True) -> List[str]:
+    """Problems of `storage:` ("sqlite", "sqlite:///PATH", "postgresql[+psycopg2]://user:pw@host/db")."""
+    if not isinstance(url, str) or not url:
+        return [f"storage: must be 'sqlite' or a database URL, got {url!r}"]
+    if url == "sqlite":
+        return []
+    scheme = url.split("://", 1)[0] if "://" in url else None
+    if scheme not in STORAGE_SCHEMES:
+        return [f"storage: unknown scheme {scheme or url!r}; use sqlite (in the run directory), "
+                f"sqlite:///PATH, postgresql://USER:PASSWORD@HOST/DB or postgresql+psycopg2://..., "
+                f"got {redact_url(url)!r}"]
+    if scheme == "sqlite":
+        path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else ""
+        if not path:
+            return [f"storage: a sqlite URL needs a file path (sqlite:///relative.db or sqlite:////abs.db), got {url!r}"]
+        parent = os.path.dirname(os.path.abspath(path))
+        if check_environment and not os.path.isdir(parent):
+            return [f"storage: directory {parent} of the sqlite file does not exist, got {url!r}"]
+        return []
+    parts = urlsplit(url)
+    problems = []
+    if not parts.hostname or not parts.path.strip("/"):
+        problems.append(f"storage: a postgresql URL needs a host and a database name "
+                        f"(postgresql://USER:PASSWORD@HOST/DB), got {redact_url(url)!r}")
+    if check_environment and importlib.util.find_spec("psycopg2") is None:
+        problems.append("storage: postgresql storage needs the psycopg2 driver: pip install psycopg2-binary")
+    return problems
+
+
+def redact_url(url: str) -> str:
+    """`scheme://user:secret@host/...` -> `scheme://user:***@host/...`; other strings unchanged."""
+    return re.sub(r"(?<=://)([^:/@]*):([^@/]*)@", lambda m: f"{m.group(1)}:***@", url)

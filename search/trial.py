@@ -1,0 +1,86 @@
+"""One trial as Ray runs it: a Tune function that launches a Ray Train worker group.
+
+Every worker runs the same trainer recipe (trainers/recipe.py); the recipe reports once per eval
+round on every rank, and rank 0's report travels to Tune (and so to ASHA and Optuna) through
+`TuneReportCallback`. A failure inside the workers comes back as one short reason string.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Dict
+
+from search.searcher import FAIL_REASON_KEY, ROUNDS_TOTAL_KEY, TRIAL_NUMBER_KEY
+
+TRIALS_SUBDIR = "trials"
+
+
+def trial_dir(run_dir: str, number: int) -> str:
+    return os.path.join(run_dir, TRIALS_SUBDIR, f"{number:04d}")
+
+
+def worker_loop(config: Dict[str, Any]) -> None:
+    """Runs on every Ray Train worker: the trainer recipe with reports going to Ray Train."""
+    import ray.train
+
+    from trainers.recipe import run_trial
+
+    settings = config["settings"]
+    rounds_total = settings.training.epochs * settings.training.evals_per_epoch
+
+    def report(metrics: dict) -> None:
+        ray.train.report({**metrics, ROUNDS_TOTAL_KEY: rounds_total})
+
+    run_trial(settings, report, config["output_dir"])
+
+
+def tune_trial(config: Dict[str, Any], spec, run_dir: str, threads_per_worker: int) -> None:
+    """The Tune trainable: builds the trial's settings and runs them on a worker group."""
+    from dataclasses import replace
+
+    from ray import tune
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    number = config[TRIAL_NUMBER_KEY]
+    params = {k: v for k, v in config.items() if k != TRIAL_NUMBER_KEY}
+    settings = spec.trial_settings(params)
+    settings = replace(settings, engine=replace(settings.engine, num_threads=threads_per_worker))
+    output_dir = trial_dir(run_dir, number)
+    os.makedirs(output_dir, exist_ok=True)
+    resources = spec.resources
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config={"settings": settings, "output_dir": output_dir},
+        scaling_config=ScalingConfig(
+            num_workers=resources.workers_per_trial,
+            use_gpu=resources.gpus_per_worker > 0,
+            resources_per_worker={"CPU": 1, **({"GPU": resources.gpus_per_worker} if resources.gpus_per_worker else {})},
+        ),
+        run_config=RunConfig(name=f"trial_{number:04d}", storage_path=os.path.join(run_dir, "ray"),
+                             callbacks=[TuneReportCallback()]),
+    )
+    try:
+        trainer.fit()
+    except Exception as exc:  # the worker's exception arrives wrapped; keep its one-line reason
+        reason = failure_reason(exc)
+        tune.report({FAIL_REASON_KEY: reason})
+        raise RuntimeError(reason) from None
+
+
+_TRIAL_FAILED = re.compile(r"TrialFailed: (.+)")
+_LAST_EXCEPTION = re.compile(r"^(\w+(?:Error|Exception|Failed)): (.+)$", re.MULTILINE)
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The recipe's own TrialFailed reason if there is one, else the innermost exception line."""
+    text = str(exc)
+    found = _TRIAL_FAILED.findall(text)
+    if found:
+        return found[-1].strip()
+    lines = _LAST_EXCEPTION.findall(text)
+    if lines:
+        name, message = lines[-1]
+        return f"{name}: {message.strip()}"[:500]
+    return f"{type(exc).__name__}: {text.strip().splitlines()[-1] if text.strip() else 'no message'}"[:500]

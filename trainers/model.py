@@ -1,0 +1,149 @@
+"""Load a base model once, add an adapter per trial, take it off again.
+
+`load_base` is the expensive part (weights from disk, quantization); it is kept apart from
+`apply_adapter` / `release_adapter` so that a worker can load the base once and run many trials
+on it, each trial adding its adapter and removing it afterwards.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from trainers.data import CAUSAL_LM, CLASSIFICATION
+from trainers.hub import resolve_model_path
+from trainers.settings import ModelSettings, PeftSettings, QUANTIZATIONS, TASKS
+
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+@dataclass
+class LoadedBase:
+    model: Any                       # a transformers PreTrainedModel, frozen adapters aside
+    tokenizer: Any
+    model_type: str                  # config.model_type, e.g. "bert", "llama"
+    task: str                        # sequence-classification | causal-lm
+    path: str                        # the resolved local directory or hub id
+    dtype: torch.dtype               # compute dtype of the frozen weights
+    quantization: str                # none | nf4 | int8
+    device: torch.device
+    num_labels: Optional[int] = None
+
+
+def compute_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """bf16 where the hardware has it (CUDA with bf16), else fp32; explicit values win."""
+    if requested not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {list(DTYPES)}, got {requested!r}")
+    if requested == "float32":
+        return torch.float32
+    if requested == "bfloat16":
+        return torch.bfloat16
+    # CPU bf16 matmuls are slow and lossy on most CPUs; fp32 is the CPU default.
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def quantization_config(quantization: str, dtype: torch.dtype):
+    """A BitsAndBytesConfig for nf4 (QLoRA: double quantization) or int8; None for none."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"model.quantization must be one of {list(QUANTIZATIONS)}, got {quantization!r}")
+    if quantization == "none":
+        return None
+    try:
+        import bitsandbytes  # noqa: F401  (transformers needs it; fail here with an install hint)
+    except ImportError as exc:
+        raise ImportError(f"model.quantization={quantization} needs bitsandbytes: "
+                          "pip install 'peft-search[quantization]'") from exc
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def load_base(model: ModelSettings, num_labels: Optional[int] = None,
+              device: Optional[torch.device] = None) -> LoadedBase:
+    """Tokenizer + base model on `device` (default: this rank's device), quantized if asked.
+
+    Classification heads a checkpoint lacks are initialised from torch's RNG: seed before calling.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from trainers.distributed import current_context
+
+    if model.task not in TASKS:
+        raise ValueError(f"model.task must be one of {list(TASKS)}, got {model.task!r}")
+    if model.task == CLASSIFICATION and not num_labels:
+        raise ValueError("sequence-classification needs num_labels (the number of distinct train labels)")
+    device = device or current_context().device
+    dtype = compute_dtype(model.dtype, device)
+    quantization = quantization_config(model.quantization, dtype)
+    path = resolve_model_path(model.name_or_path)
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"{model.name_or_path}: the tokenizer has neither a pad nor an eos token")
+        # Decoder-only tokenizers (GPT-2, LLaMA) ship without a pad token; padded positions are masked
+        # anyway, so reusing EOS avoids resizing the embeddings.
+        tokenizer.pad_token = tokenizer.eos_token
+
+    kwargs: dict = {"dtype": dtype}
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+        # bitsandbytes quantizes while placing the weights, so the device is chosen at load time.
+        kwargs["device_map"] = {"": device.index if device.type == "cuda" else "cpu"}
+    if model.task == CLASSIFICATION:
+        loaded = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kwargs)
+    else:
+        loaded = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if loaded.config.pad_token_id is None:
+        # Decoder classifiers find each row's last token through the pad id.
+        loaded.config.pad_token_id = tokenizer.pad_token_id
+    if quantization is None:
+        loaded.to(device)
+    else:
+        from peft import prepare_model_for_kbit_training
+
+        # Casts norms to fp32 and enables input gradients + gradient checkpointing (QLoRA's recipe).
+        loaded = prepare_model_for_kbit_training(loaded, use_gradient_checkpointing=True)
+    return LoadedBase(model=loaded, tokenizer=tokenizer, model_type=loaded.config.model_type, task=model.task,
+                      path=path, dtype=dtype, quantization=model.quantization, device=device,
+                      num_labels=num_labels if model.task == CLASSIFICATION else None)
+
+
+def apply_adapter(base: LoadedBase, peft: PeftSettings, task: Optional[str] = None):
+    """Wrap base.model in a fresh PEFT adapter (initialised from torch's RNG: seed before calling)."""
+    from peft import get_peft_model
+
+    from trainers.adapters import build_peft_config
+
+    config = build_peft_config(peft, base.model, task or base.task, tokenizer_path=base.path)
+    return get_peft_model(base.model, config)
+
+
+def release_adapter(peft_model) -> Any:
+    """Remove the adapter from `peft_model` and return the base model as it was before `apply_adapter`.
+
+    PEFT's `unload()` alone is not enough: it keeps the *trained copy* of wrapped modules (the
+    classification head under modules_to_save), and prompt-learning models have no `unload()`.
+    So wrapped modules are first put back to their originals, then tuner layers are unloaded.
+    """
+    from peft.tuners.tuners_utils import BaseTuner
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    inner = peft_model.base_model
+    model = inner.model if isinstance(inner, BaseTuner) else inner
+    wrapped = [name for name, module in model.named_modules() if isinstance(module, AuxiliaryTrainingWrapper)]
+    for name in wrapped:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, getattr(parent, child).original_module)
+    if isinstance(inner, BaseTuner):
+        model = inner.unload()
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+    return model

@@ -1,0 +1,290 @@
+"""One trial, as a recipe: setup -> train -> evaluate -> report -> cleanup.
+
+Every rank of a trial runs `run_trial` with the same settings. Training runs in `rounds` equal
+slices of the optimizer steps (epochs * evals_per_epoch, ASHA's unit of time); after each slice
+every rank evaluates its share of the eval set and calls `report` with the same, reduced metrics.
+Runs without Ray: `python -m trainers.recipe --settings settings.json --out DIR`.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+import torch
+
+from trainers.data import CLASSIFICATION, KEEP, TrialData, batch_stream, build_data, read_trial_rows
+from trainers.distributed import DistContext, all_reduce, current_context
+from trainers.engine import create_engine
+from trainers.errors import TrialFailed
+from trainers.metrics import EvalCounts
+from trainers.model import LoadedBase, apply_adapter, load_base, release_adapter
+from trainers.settings import TrialSettings
+from trainers.system import TrainMeter, adapter_mb, count_trainable
+
+ADAPTER_SUBDIR = "adapter"
+METRICS_FILE = "metrics.json"
+_OOM_ERRORS = tuple(error for error in (getattr(torch, "OutOfMemoryError", None), MemoryError) if error)
+
+
+@dataclass
+class Plan:
+    """How many optimizer steps, and after which ones an eval round (a report) comes."""
+    batches_per_epoch: int
+    total_steps: int
+    round_ends: List[int]
+
+    @classmethod
+    def for_trial(cls, settings: TrialSettings, batches_per_epoch: int) -> "Plan":
+        training = settings.training
+        if training.epochs < 1 or training.evals_per_epoch < 1:
+            raise ValueError(f"training.epochs and training.evals_per_epoch must be >= 1, "
+                             f"got {training.epochs} and {training.evals_per_epoch}")
+        accumulation = max(1, training.gradient_accumulation_steps)
+        total = math.ceil(training.epochs * batches_per_epoch / accumulation)
+        if training.max_steps is not None:
+            total = min(total, training.max_steps)
+        if total < 1:
+            raise ValueError(f"training.max_steps must be >= 1, got {training.max_steps}")
+        # A round needs at least one step; with fewer steps than rounds there are fewer rounds.
+        rounds = min(training.epochs * training.evals_per_epoch, total)
+        return cls(batches_per_epoch, total, [math.ceil(k * total / rounds) for k in range(1, rounds + 1)])
+
+
+@dataclass
+class Trial:
+    """What the recipe's steps share: built by `setup`, torn down by `cleanup`."""
+    settings: TrialSettings
+    ctx: DistContext
+    base: LoadedBase
+    owns_base: bool                      # loaded here (dropped at the end) or lent by the caller (restored)
+    data: TrialData
+    peft_model: Any
+    engine: Any
+    plan: Plan
+    meter: TrainMeter
+    trainable_params: int
+    stream: Iterator = None
+    micro_batches: int = 0
+    round_losses: List[float] = field(default_factory=list)
+    phase: str = "setup"                 # where an out-of-memory happened, for its reason
+
+
+def run_trial(settings: TrialSettings, report: Callable[[Dict[str, Any]], None], output_dir: str,
+              base: Optional[LoadedBase] = None) -> Dict[str, Any]:
+    """Train and evaluate one configuration; returns the final metrics (also written to metrics.json).
+
+    `base`: a base model loaded earlier with `load_base` to reuse; its adapter is removed at the end.
+    Raises TrialFailed for divergence and out-of-memory.
+    """
+    trial = None
+    try:
+        with _failures_as_trial_failed(lambda: trial.phase if trial else "setup"):
+            trial = setup(settings, base)
+            metrics: Dict[str, Any] = {}
+            for number, end_step in enumerate(trial.plan.round_ends, start=1):
+                train(trial, end_step)
+                metrics = {**progress(trial, number), **evaluate(trial), **system_figures(trial)}
+                if number == len(trial.plan.round_ends):
+                    metrics["adapter_mb"] = save(trial, output_dir, metrics)
+                report(metrics)
+            return metrics
+    finally:
+        if trial is not None:
+            cleanup(trial)
+
+
+def setup(settings: TrialSettings, base: Optional[LoadedBase] = None) -> Trial:
+    ctx = current_context()
+    if settings.engine.num_threads:
+        torch.set_num_threads(settings.engine.num_threads)
+    seed_everything(settings.training.seed)
+    rows = read_trial_rows(settings.data, settings.model.task)
+    num_labels = len(rows.labels) if rows.labels else None
+    owns_base = base is None
+    if base is None:
+        base = load_base(settings.model, num_labels=num_labels, device=ctx.device)
+    elif base.task != settings.model.task or base.num_labels != num_labels:
+        raise ValueError(f"the lent base is a {base.task} model with num_labels={base.num_labels}; this trial "
+                         f"needs {settings.model.task} with num_labels={num_labels}")
+    if rows.labels:
+        base.model.config.label2id = dict(rows.labels)
+        base.model.config.id2label = {index: label for label, index in rows.labels.items()}
+    data = build_data(rows, settings.data, base.tokenizer, settings.model.task, settings.training.batch_size,
+                      settings.training.seed, ctx)
+    # Seed again: a reused base must not change how the adapter starts.
+    seed_everything(settings.training.seed)
+    peft_model = apply_adapter(base, settings.peft, settings.model.task)
+    trainable = count_trainable(peft_model)   # before DeepSpeed, which partitions parameters under ZeRO-3
+    plan = Plan.for_trial(settings, len(data.train))
+    engine = create_engine(peft_model, settings.training, settings.engine, plan.total_steps,
+                           bf16=base.dtype == torch.bfloat16)
+    engine.model.train()
+    return Trial(settings=settings, ctx=ctx, base=base, owns_base=owns_base, data=data, peft_model=peft_model,
+                 engine=engine, plan=plan, meter=TrainMeter(ctx.device), trainable_params=trainable,
+                 stream=batch_stream(data))
+
+
+def train(trial: Trial, end_step: int) -> None:
+    """Optimizer steps up to `end_step`; a non-finite loss stops the trial before it reaches the weights."""
+    engine, meter = trial.engine, trial.meter
+    meter.start()
+    while engine.optimizer_steps < end_step:
+        step = engine.optimizer_steps + 1
+        trial.phase = f"step {step}"
+        _, batch = next(trial.stream)
+        outputs = engine.model(**_to_device(batch, trial.ctx.device))
+        # The loss is averaged over ranks, so all ranks see a divergence at the same step and stop
+        # together (one rank raising alone would hang the others in the next collective).
+        loss = all_reduce([outputs.loss.item()])[0] / trial.ctx.world_size
+        if not math.isfinite(loss):
+            raise TrialFailed(f"diverged at step {step} (loss={loss})")
+        engine.backward(outputs.loss)
+        engine.step()
+        meter.tokens += int(batch["attention_mask"].sum())
+        trial.micro_batches += 1
+        trial.round_losses.append(loss)
+    meter.stop()
+
+
+@torch.no_grad()
+def evaluate(trial: Trial) -> Dict[str, float]:
+    trial.phase = f"eval after step {trial.engine.optimizer_steps}"
+    model = trial.engine.model
+    model.eval()
+    counts = EvalCounts(trial.settings.model.task, trial.base.num_labels)
+    for batch in trial.data.eval:
+        inputs = _to_device({key: batch[key] for key in ("input_ids", "attention_mask")}, trial.ctx.device)
+        counts.add(model(**inputs).logits, batch)
+    model.train()
+    return counts.reduced().metrics()
+
+
+def progress(trial: Trial, number: int) -> Dict[str, Any]:
+    losses = trial.round_losses
+    trial.round_losses = []
+    return {
+        "round": number,
+        "step": trial.engine.optimizer_steps,
+        "epoch": trial.micro_batches / trial.plan.batches_per_epoch,
+        "train_loss": sum(losses) / len(losses) if losses else float("nan"),
+    }
+
+
+def system_figures(trial: Trial) -> Dict[str, Any]:
+    return {**trial.meter.figures(), "trainable_params": trial.trainable_params}
+
+
+def save(trial: Trial, output_dir: str, metrics: Dict[str, Any]) -> float:
+    """Rank 0 writes the adapter (safetensors) and metrics.json; returns the adapter's MiB on every rank."""
+    trial.phase = "saving the adapter"
+    adapter_dir = os.path.join(output_dir, ADAPTER_SUBDIR)
+    with trial.engine.gathered_params():          # every rank enters: ZeRO-3 gathers collectively
+        if trial.ctx.is_main:
+            trial.peft_model.save_pretrained(adapter_dir, safe_serialization=True)
+    size = adapter_mb(adapter_dir) if trial.ctx.is_main else 0.0
+    size = all_reduce([size])[0]                  # also keeps the others waiting until the save is done
+    if trial.ctx.is_main:
+        with open(os.path.join(output_dir, METRICS_FILE), "w", encoding="utf-8") as handle:
+            json.dump({**metrics, "adapter_mb": size}, handle, indent=2)
+    return size
+
+
+def cleanup(trial: Trial) -> None:
+    """Free the trial's memory; a lent base gets its adapter removed, ready for the next trial."""
+    destroy = getattr(trial.engine.model, "destroy", None)   # DeepSpeed: hooks and buffers
+    if callable(destroy):
+        with contextlib.suppress(Exception):
+            destroy()
+    trial.engine = None
+    if not trial.owns_base:
+        trial.base.model = release_adapter(trial.peft_model)
+    trial.peft_model = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy
+
+        numpy.random.seed(seed)
+    except ImportError:
+        pass
+
+
+@contextlib.contextmanager
+def _failures_as_trial_failed(phase: Callable[[], str]):
+    """Out-of-memory (CUDA or host) -> TrialFailed naming where it happened."""
+    try:
+        yield
+    except _OOM_ERRORS as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        raise TrialFailed(f"out of memory at {phase()}: {message[:300]}") from exc
+
+
+def _to_device(batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str, torch.Tensor]:
+    return {key: value.to(device) for key, value in batch.items() if key != KEEP}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run one trial without Ray. Under torchrun (RANK / WORLD_SIZE set) the ranks form a group first."""
+    import argparse
+    import sys
+
+    from trainers.settings_io import SettingsError, settings_from_dict
+
+    parser = argparse.ArgumentParser(prog="python -m trainers.recipe", description=main.__doc__)
+    parser.add_argument("--settings", required=True, help="JSON file: {model, data, peft, training, engine}")
+    parser.add_argument("--out", required=True, help="output directory (adapter/, metrics.json)")
+    args = parser.parse_args(argv)
+    try:
+        with open(args.settings, encoding="utf-8") as handle:
+            settings = settings_from_dict(json.load(handle))
+    except (OSError, json.JSONDecodeError, SettingsError) as exc:
+        print(f"{args.settings}: {exc}", file=sys.stderr)
+        return 2
+    started_group = _init_group_from_env()
+    os.makedirs(args.out, exist_ok=True)
+    rank = current_context().rank
+
+    def report(metrics: Dict[str, Any]) -> None:
+        if rank == 0:
+            print(json.dumps(metrics), flush=True)
+
+    try:
+        run_trial(settings, report, args.out)
+        return 0
+    except TrialFailed as exc:
+        print(f"TrialFailed: {exc.reason}", file=sys.stderr)
+        return 1
+    finally:
+        if started_group:
+            torch.distributed.destroy_process_group()
+
+
+def _init_group_from_env() -> bool:
+    import torch.distributed as dist
+
+    # torchrun sets these; world size 1 still forms a group, so that the DeepSpeed path can be tried alone
+    if "WORLD_SIZE" not in os.environ or "MASTER_ADDR" not in os.environ or dist.is_initialized():
+        return False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
+    return True
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

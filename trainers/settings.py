@@ -1,0 +1,74 @@
+"""What one trial needs to know, as frozen dataclasses.
+
+This is the contract between the search (which builds these from a spec and a set of sampled
+parameters) and the trainer recipe (which runs them). Nothing here imports Ray, torch or
+transformers, so it is cheap to build and pickle across processes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+TASKS = ("sequence-classification", "causal-lm")
+QUANTIZATIONS = ("none", "nf4", "int8")
+PEFT_METHODS = ("lora", "prompt-tuning", "prefix-tuning", "ia3")
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    name_or_path: str                 # HF hub id, local directory, or built-in alias (`minilm`)
+    task: str = "sequence-classification"
+    quantization: str = "none"        # none | nf4 | int8  (QLoRA = lora + nf4)
+    dtype: str = "auto"               # auto (bf16 where the hardware has it, else fp32) | float32 | bfloat16
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    train: str                        # .jsonl / .csv / .txt path, or an HF dataset id
+    eval: Optional[str] = None        # None: a seeded split of train
+    text_field: str = "text"
+    label_field: Optional[str] = "label"   # sequence-classification only
+    max_length: int = 128
+    eval_fraction: float = 0.2        # share of train held out when eval is None
+    split_seed: int = 0               # the held-out split must not change between trials
+
+
+@dataclass(frozen=True)
+class PeftSettings:
+    method: str = "lora"              # lora | prompt-tuning | prefix-tuning | ia3
+    # Method parameters with their final values, as PEFT names them where possible:
+    #   lora: r, lora_alpha, lora_dropout, target_modules (list or "auto"), use_rslora, use_dora
+    #   prompt-tuning: num_virtual_tokens, prompt_init (random | sample-vocab | text), prompt_init_text
+    #   prefix-tuning: num_virtual_tokens
+    #   ia3: target_modules, feedforward_modules
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    learning_rate: float = 2e-4
+    epochs: int = 3
+    batch_size: int = 16              # per worker, per micro-step
+    gradient_accumulation_steps: int = 1
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    evals_per_epoch: int = 1          # eval rounds per epoch; each round is one report (ASHA's time unit)
+    max_steps: Optional[int] = None   # cap on optimizer steps (tests, benchmarks)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    deepspeed: bool = True            # under torch.distributed (Ray Train), wrap in a DeepSpeed engine
+    zero_stage: int = 2               # ZeRO stage 0-3
+    num_threads: Optional[int] = None # torch intra-op threads; None leaves torch's default
+
+
+@dataclass(frozen=True)
+class TrialSettings:
+    model: ModelSettings
+    data: DataSettings
+    peft: PeftSettings = field(default_factory=PeftSettings)
+    training: TrainingSettings = field(default_factory=TrainingSettings)
+    engine: EngineSettings = field(default_factory=EngineSettings)
