@@ -111,6 +111,9 @@ def _breakdown(timing_dir, t_start, t_end):
             "model_load_and_lora": mean([t["ready"] - t["loop"] for t in trials if "ready" in t]),
             "first_step_to_last_step": mean([t["last"] - t["first"] for t in trials if "last" in t]),
             "train_s": mean([t.get("train_s") for t in trials]),
+            # ray.train.report -> TuneReportCallback -> Tune, per step (dominates first->last step)
+            "per_report": mean([(t["last"] - t["first"]) / (t["steps"] - 1) for t in trials if t.get("steps", 0) > 1]),
+            "steps": mean([t.get("steps") for t in trials]),
             "after_last_step_to_trial_end": mean([t["end"] - t["last"] for t in trials if "last" in t and "end" in t]),
             "trial_total": mean([t["end"] - t["start"] for t in trials if "end" in t]),
             "gap_between_trials": mean(gaps),

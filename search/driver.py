@@ -13,6 +13,7 @@ from typing import Optional
 from cluster import local
 from search import outputs
 from search.rundir import prepare_run_dir
+from search.progress import ProgressLines
 from search.schedulers import make_scheduler
 from search.searcher import PeftOptunaSearch, make_sampler
 from search.storage import STUDY_NAME, open_storage
@@ -44,11 +45,14 @@ def _fit(spec, run_dir: str) -> None:
     space = spec.search_space()
     searcher = PeftOptunaSearch(
         space=space, metric=metric, mode=mode,
-        sampler=make_sampler(spec.search.algorithm, spec.search.seed, grid=_grid(space)),
+        sampler=make_sampler(spec.search.algorithm, spec.search.seed, grid=spec.grid() if spec.search.algorithm == "grid" else None),
         study_name=STUDY_NAME, storage=open_storage(spec.storage, run_dir), seed=spec.search.seed,
         decode=spec.decode,
+        # trial 0 tries the published defaults (rank 8, alpha 2r, lr 2e-4, ...) where they lie in the space
+        points_to_evaluate=[spec.default_params(complete=True)] if spec.default_params() else None,
     )
-    scheduler = make_scheduler(spec.search.scheduler, metric, mode, spec.max_rounds, spec.search.grace_rounds)
+    scheduler = make_scheduler(spec.search.scheduler, metric, mode, spec.max_rounds, spec.search.grace_rounds,
+                               spec.search.reduction_factor)
     threads = local.threads_per_worker(spec.search.concurrency, spec.resources.workers_per_trial)
     trainable = tune.with_parameters(tune_trial, spec=spec, run_dir=run_dir, threads_per_worker=threads)
     tuner = tune.Tuner(
@@ -56,20 +60,9 @@ def _fit(spec, run_dir: str) -> None:
         tune.with_resources(trainable, {"cpu": 0.01}),
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=spec.search.trials,
                                     max_concurrent_trials=spec.search.concurrency, reuse_actors=False),
-        run_config=tune.RunConfig(name="tune", storage_path=os.path.join(run_dir, "ray"), verbose=1,
-                                  failure_config=tune.FailureConfig(max_failures=0)),
+        run_config=tune.RunConfig(name="tune", storage_path=os.path.join(run_dir, "ray"), verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=0),
+                                  callbacks=[ProgressLines(metric, mode, spec.search.trials)]),
     )
     tuner.fit()
 
-
-def _grid(space):
-    """Grid search enumerates categorical choices; ranges must be given as lists for it."""
-    import optuna
-
-    grid = {}
-    for name, dist in space.items():
-        if isinstance(dist, optuna.distributions.CategoricalDistribution):
-            grid[name] = list(dist.choices)
-        elif isinstance(dist, optuna.distributions.IntDistribution) and not dist.log:
-            grid[name] = list(range(dist.low, dist.high + 1, dist.step))
-    return grid

@@ -71,6 +71,7 @@ def best_row(rows: List[Dict[str, object]], metric: str, mode: str) -> Optional[
     complete = [r for r in rows if r["state"] == "COMPLETE" and isinstance(r.get(metric), (int, float))]
     if not complete:
         return None
-    pick = max if mode == "max" else min
     # ties go to the earlier trial, so the choice is stable
-    return pick(complete, key=lambda r: (r[metric] if mode == "max" else r[metric], -r["number"] if mode == "max" else r["number"]))
+    if mode == "max":
+        return max(complete, key=lambda r: (r[metric], -r["number"]))
+    return min(complete, key=lambda r: (r[metric], r["number"]))

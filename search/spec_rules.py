@@ -110,9 +110,6 @@ def cross_problems(parts: Dict[str, Any]) -> List[str]:
         objective, more = complete_objective(objective, model.task)
         problems += more
         parts["objective"] = objective if not more else None
-    if model and resources and model.quantization != "none" and resources.gpus_per_worker <= 0:
-        problems.append(f"model.quantization: {model.quantization} (bitsandbytes) needs a GPU; "
-                        f"set resources.gpus_per_worker >= 1, got gpus_per_worker {resources.gpus_per_worker:g}")
     if peft and space is not None:
         fixed = dict(peft.params)
         for name, param in get_method(peft.method).params.items():

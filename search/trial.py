@@ -10,7 +10,7 @@ import os
 import re
 from typing import Any, Dict
 
-from search.searcher import FAIL_REASON_KEY, ROUNDS_TOTAL_KEY, TRIAL_NUMBER_KEY
+from search.searcher import FAIL_REASON_KEY, TRIAL_NUMBER_KEY
 
 TRIALS_SUBDIR = "trials"
 
@@ -25,13 +25,7 @@ def worker_loop(config: Dict[str, Any]) -> None:
 
     from trainers.recipe import run_trial
 
-    settings = config["settings"]
-    rounds_total = settings.training.epochs * settings.training.evals_per_epoch
-
-    def report(metrics: dict) -> None:
-        ray.train.report({**metrics, ROUNDS_TOTAL_KEY: rounds_total})
-
-    run_trial(settings, report, config["output_dir"])
+    run_trial(config["settings"], ray.train.report, config["output_dir"])
 
 
 def tune_trial(config: Dict[str, Any], spec, run_dir: str, threads_per_worker: int) -> None:

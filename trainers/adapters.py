@@ -48,15 +48,18 @@ def _auto_targets(model, method: str) -> Optional[List[str]]:
 
 
 def _auto_feedforward(model, targets: Optional[List[str]]) -> Optional[List[str]]:
+    """The preset feed-forward modules that are among `targets` (IA3 needs a subset of its targets)."""
     if targets is None:
         return None
     try:
         from spaces.targets import default_feedforward_modules
+
+        preset = default_feedforward_modules(model)
     except ImportError:
         from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as table
 
-        return [name for name in table.get(model.config.model_type, []) if name in targets]
-    return list(default_feedforward_modules(model))
+        preset = table.get(model.config.model_type, [])
+    return [name for name in preset if name in targets]
 
 
 def _targets(value: Any, model, method: str) -> Optional[List[str]]:

@@ -21,10 +21,6 @@ class DistContext:
     device: torch.device
 
     @property
-    def is_distributed(self) -> bool:
-        return self.world_size > 1 or dist.is_available() and dist.is_initialized()
-
-    @property
     def is_main(self) -> bool:
         return self.rank == 0
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, List
 
 import torch
 

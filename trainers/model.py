@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 import torch
 
-from trainers.data import CAUSAL_LM, CLASSIFICATION
+from trainers.data import CLASSIFICATION
 from trainers.hub import resolve_model_path
 from trainers.settings import ModelSettings, PeftSettings, QUANTIZATIONS, TASKS
 
@@ -29,6 +29,10 @@ class LoadedBase:
     quantization: str                # none | nf4 | int8
     device: torch.device
     num_labels: Optional[int] = None
+
+    @property
+    def model_quantized(self) -> bool:
+        return self.quantization != "none"
 
 
 def compute_dtype(requested: str, device: torch.device) -> torch.dtype:
@@ -113,6 +117,32 @@ def load_base(model: ModelSettings, num_labels: Optional[int] = None,
     return LoadedBase(model=loaded, tokenizer=tokenizer, model_type=loaded.config.model_type, task=model.task,
                       path=path, dtype=dtype, quantization=model.quantization, device=device,
                       num_labels=num_labels if model.task == CLASSIFICATION else None)
+
+
+def load_base_for_adapter(name_or_path: str, task: str, adapter_dir: str, quantization: str = "none",
+                          device: Optional[torch.device] = None) -> LoadedBase:
+    """The base a saved adapter was trained on, e.g. to merge it (`peft-search export --merge`).
+
+    A classification adapter carries its trained head (modules_to_save), whose rows give num_labels.
+    """
+    num_labels = _saved_num_labels(adapter_dir) if task == CLASSIFICATION else None
+    return load_base(ModelSettings(name_or_path, task=task, quantization=quantization), num_labels=num_labels or 2,
+                     device=device)
+
+
+def _saved_num_labels(adapter_dir: str) -> Optional[int]:
+    import glob
+    import os
+
+    from safetensors import safe_open
+
+    for path in glob.glob(os.path.join(adapter_dir, "*.safetensors")):
+        with safe_open(path, framework="pt") as handle:
+            for key in handle.keys():
+                # BERT-like `classifier`, RoBERTa `classifier.out_proj`, decoder classifiers `score`
+                if key.endswith(("classifier.weight", "classifier.out_proj.weight", "score.weight")):
+                    return int(handle.get_slice(key).get_shape()[0])
+    return None
 
 
 def apply_adapter(base: LoadedBase, peft: PeftSettings, task: Optional[str] = None):

@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 
-from trainers.data import CLASSIFICATION, KEEP, TrialData, batch_stream, build_data, read_trial_rows
+from trainers.data import KEEP, TrialData, batch_stream, build_data, read_trial_rows
 from trainers.distributed import DistContext, all_reduce, current_context
 from trainers.engine import create_engine
 from trainers.errors import TrialFailed
@@ -29,6 +29,10 @@ from trainers.system import TrainMeter, adapter_mb, count_trainable
 
 ADAPTER_SUBDIR = "adapter"
 METRICS_FILE = "metrics.json"
+# A loss this many times the first one (or 1.0 if that was smaller) counts as diverged although still
+# finite: gradient clipping keeps a far too large learning rate from reaching inf/nan, and the loss
+# explodes instead (1e9 for a classifier that started at 0.69). Healthy training never comes near it.
+DIVERGENCE_FACTOR = 100.0
 _OOM_ERRORS = tuple(error for error in (getattr(torch, "OutOfMemoryError", None), MemoryError) if error)
 
 
@@ -71,6 +75,7 @@ class Trial:
     trainable_params: int
     stream: Iterator = None
     micro_batches: int = 0
+    first_loss: Optional[float] = None   # the reference for divergence
     round_losses: List[float] = field(default_factory=list)
     phase: str = "setup"                 # where an out-of-memory happened, for its reason
 
@@ -120,10 +125,15 @@ def setup(settings: TrialSettings, base: Optional[LoadedBase] = None) -> Trial:
     # Seed again: a reused base must not change how the adapter starts.
     seed_everything(settings.training.seed)
     peft_model = apply_adapter(base, settings.peft, settings.model.task)
-    trainable = count_trainable(peft_model)   # before DeepSpeed, which partitions parameters under ZeRO-3
-    plan = Plan.for_trial(settings, len(data.train))
-    engine = create_engine(peft_model, settings.training, settings.engine, plan.total_steps,
-                           bf16=base.dtype == torch.bfloat16)
+    try:
+        trainable = count_trainable(peft_model)   # before DeepSpeed, which partitions parameters under ZeRO-3
+        plan = Plan.for_trial(settings, len(data.train))
+        engine = create_engine(peft_model, settings.training, settings.engine, plan.total_steps,
+                               bf16=base.dtype == torch.bfloat16)
+    except BaseException:
+        if not owns_base:   # hand a lent base back clean even when the trial never starts
+            base.model = release_adapter(peft_model)
+        raise
     engine.model.train()
     return Trial(settings=settings, ctx=ctx, base=base, owns_base=owns_base, data=data, peft_model=peft_model,
                  engine=engine, plan=plan, meter=TrainMeter(ctx.device), trainable_params=trainable,
@@ -131,7 +141,7 @@ def setup(settings: TrialSettings, base: Optional[LoadedBase] = None) -> Trial:
 
 
 def train(trial: Trial, end_step: int) -> None:
-    """Optimizer steps up to `end_step`; a non-finite loss stops the trial before it reaches the weights."""
+    """Optimizer steps up to `end_step`; a diverged loss stops the trial before it reaches the weights."""
     engine, meter = trial.engine, trial.meter
     meter.start()
     while engine.optimizer_steps < end_step:
@@ -142,8 +152,10 @@ def train(trial: Trial, end_step: int) -> None:
         # The loss is averaged over ranks, so all ranks see a divergence at the same step and stop
         # together (one rank raising alone would hang the others in the next collective).
         loss = all_reduce([outputs.loss.item()])[0] / trial.ctx.world_size
-        if not math.isfinite(loss):
-            raise TrialFailed(f"diverged at step {step} (loss={loss})")
+        if trial.first_loss is None:
+            trial.first_loss = loss
+        if not math.isfinite(loss) or loss > DIVERGENCE_FACTOR * max(trial.first_loss, 1.0):
+            raise TrialFailed(f"diverged at step {step} (loss={loss:.4g})")
         engine.backward(outputs.loss)
         engine.step()
         meter.tokens += int(batch["attention_mask"].sum())
@@ -170,6 +182,7 @@ def progress(trial: Trial, number: int) -> Dict[str, Any]:
     trial.round_losses = []
     return {
         "round": number,
+        "rounds_total": len(trial.plan.round_ends),   # a report before the last one means stopped early
         "step": trial.engine.optimizer_steps,
         "epoch": trial.micro_batches / trial.plan.batches_per_epoch,
         "train_loss": sum(losses) / len(losses) if losses else float("nan"),
@@ -226,7 +239,10 @@ def _failures_as_trial_failed(phase: Callable[[], str]):
     """Out-of-memory (CUDA or host) -> TrialFailed naming where it happened."""
     try:
         yield
-    except _OOM_ERRORS as exc:
+    except (*_OOM_ERRORS, RuntimeError) as exc:
+        # Some CUDA allocation failures (cuBLAS workspaces, NCCL buffers) arrive as a plain RuntimeError.
+        if not isinstance(exc, _OOM_ERRORS) and "out of memory" not in str(exc).lower():
+            raise
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

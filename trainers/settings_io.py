@@ -57,5 +57,13 @@ def settings_from_dict(values: Mapping[str, Any]) -> TrialSettings:
 
 
 def settings_to_dict(settings: TrialSettings) -> Dict[str, Any]:
-    return {name: dict(value) if isinstance(value, Mapping) else value
-            for name, value in dataclasses.asdict(settings).items()}
+    """Plain dicts and lists (JSON-ready); read-only mappings such as PeftSettings.params become dicts."""
+    def plain(value):
+        if isinstance(value, Mapping):
+            return {key: plain(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(item) for item in value]
+        return value
+
+    return {name: {field.name: plain(getattr(getattr(settings, name), field.name))
+                   for field in dataclasses.fields(cls)} for name, cls in SECTIONS.items()}

@@ -32,6 +32,15 @@ _LAYERS = 2
 _MAX_POSITIONS = 256
 
 
+def build_tiny_tokenizer(causal: bool = False):
+    """The word-level tokenizer of the tiny models: BERT-style ([CLS] text [SEP], token_type_ids) unless
+    `causal`, where texts are left as they are and only input_ids / attention_mask are returned."""
+    if causal:
+        # A causal LM sees no token_type_ids: llama's forward would reject them.
+        return _build_tokenizer(with_cls_sep=False, model_input_names=["input_ids", "attention_mask"])
+    return _build_tokenizer(with_cls_sep=True, model_input_names=["input_ids", "token_type_ids", "attention_mask"])
+
+
 def _build_tokenizer(with_cls_sep: bool, model_input_names: Sequence[str]):
     """A word-level fast tokenizer over VOCAB; `with_cls_sep` adds BERT's [CLS] ... [SEP] template."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
@@ -80,8 +89,7 @@ def build_tiny_causal_lm(path: str, arch: str = "llama", seed: int = 0) -> str:
     model = AutoModelForCausalLM.from_config(config)
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path)
-    # A causal LM sees no token_type_ids: llama's forward would reject them.
-    _build_tokenizer(with_cls_sep=False, model_input_names=["input_ids", "attention_mask"]).save_pretrained(path)
+    build_tiny_tokenizer(causal=True).save_pretrained(path)
     return path
 
 
@@ -105,7 +113,7 @@ def build_tiny_classifier(path: str, num_labels: int = 2, seed: int = 0) -> str:
     model = AutoModelForSequenceClassification.from_config(config)
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path)
-    _build_tokenizer(with_cls_sep=True, model_input_names=["input_ids", "token_type_ids", "attention_mask"]).save_pretrained(path)
+    build_tiny_tokenizer(causal=False).save_pretrained(path)
     return path
 
 

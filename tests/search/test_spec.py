@@ -61,7 +61,6 @@ REJECTIONS = [
                           "search.scheduler": "none"}, "objective.mode: needs one mode per metric", ""),
     ("metric-of-other-task", {"objective.metric": "eval_perplexity"}, "objective.metric: sequence-classification reports", ""),
     ("unknown-mode", {"objective.mode": "maximize"}, "objective.mode: must be one of min, max", ""),
-    ("quantization-without-gpu", {"model.quantization": "nf4"}, "model.quantization: nf4 (bitsandbytes) needs a GPU", ""),
     ("labels-for-causal-lm", {"model.task": "causal-lm"}, "data.label_field: causal-lm", "takes no labels"),
     ("prompt-text-missing", {**PROMPT, "space": {"prompt_init": ["random", "text"]}}, "space.prompt_init: prompt_init 'text' needs", ""),
     ("virtual-tokens-past-positions", {"peft.method": "prefix-tuning", "peft.target_modules": DELETE,

@@ -28,6 +28,14 @@ def test_causal_lms_load_offline(tiny_llama, tiny_gpt2):
         assert model(**encoded).logits.shape == (1, 3, tokenizer.vocab_size)
 
 
+def test_tiny_tokenizer_alone():
+    from trainers.tiny_models import build_tiny_tokenizer
+
+    causal, bert = build_tiny_tokenizer(causal=True), build_tiny_tokenizer()
+    assert causal("one two")["input_ids"] == bert("one two")["input_ids"][1:-1]
+    assert "token_type_ids" not in causal("one") and "token_type_ids" in bert("one")
+
+
 def test_same_seed_same_weights(tmp_path):
     first = build_tiny_causal_lm(str(tmp_path / "a"), seed=3)
     second = build_tiny_causal_lm(str(tmp_path / "b"), seed=3)

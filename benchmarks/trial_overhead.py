@@ -1,0 +1,107 @@
+"""Trial overhead: the hand-written Ray Tune search vs peft-search, same workload, same run.
+
+Workload (that of shared/anchors/naive_tune.py): a tiny LLaMA (2 layers, 128 wide) loaded from disk,
+LoRA on q/v with r in {1, 4, 16} and a log-uniform learning rate, 20 training steps of batch 8 x 64
+tokens per trial, OptunaSearch + ASHA, one trial at a time, each trial its own Ray Train worker group.
+peft-search runs it through `run_search` exactly as `peft-search run` would (DeepSpeed ZeRO-2, eval
+rounds, run directory, report), its Ray start-up counted in its wall time (the naive one's is not).
+
+    python benchmarks/trial_overhead.py [--trials 6] [--steps 20]
+
+Prints both sides and, as its last line, one JSON object; writes benchmarks/results/trial_overhead.json.
+"""
+import argparse
+import csv
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.naive_search import BATCH, SEQ, build_tiny_llama, run_naive  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "trial_overhead.json")
+
+
+def prepare_ours(workdir: str, trials: int, steps: int) -> str:
+    """The same tiny LLaMA (plus a tokenizer, which a real spec needs) and rows of SEQ tokens."""
+    from trainers.tiny_models import VOCAB, build_tiny_tokenizer
+
+    model = os.path.join(workdir, "tiny_llama_tok")
+    build_tiny_llama(model)
+    build_tiny_tokenizer(causal=True).save_pretrained(model)
+    words = [w for w in VOCAB if w.isalpha()]
+    rng = random.Random(0)
+    for name, rows in (("train", steps * BATCH), ("eval", BATCH)):
+        with open(os.path.join(workdir, f"{name}.jsonl"), "w") as handle:
+            for _ in range(rows):  # SEQ - 1 words + </s> = SEQ tokens, as the naive batches
+                handle.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(SEQ - 1))}) + "\n")
+    spec = {
+        "name": "overhead",
+        "model": {"name_or_path": model, "task": "causal-lm"},
+        "data": {"train": os.path.join(workdir, "train.jsonl"), "eval": os.path.join(workdir, "eval.jsonl"),
+                 "text_field": "text", "max_length": SEQ},
+        "peft": {"method": "lora", "target_modules": ["q_proj", "v_proj"]},
+        "space": {"r": [1, 4, 16], "learning_rate": {"low": 1e-4, "high": 1e-2, "log": True}},
+        "training": {"epochs": 1, "batch_size": BATCH, "max_steps": steps},
+        "objective": {"metric": "eval_loss", "mode": "min"},
+        "search": {"algorithm": "tpe", "trials": trials, "concurrency": 1, "scheduler": "asha",
+                   "evals_per_epoch": 4, "grace_rounds": 1, "seed": 0},
+        "tracking": {"wandb": "disabled"},
+    }
+    import yaml
+    path = os.path.join(workdir, "overhead.yaml")
+    with open(path, "w") as handle:
+        yaml.safe_dump(spec, handle)
+    return path
+
+
+def run_ours(trials: int, steps: int, workdir: str) -> dict:
+    from search.driver import run_search
+    from search.spec import load_spec
+
+    spec = load_spec(prepare_ours(workdir, trials, steps))
+    t0 = time.time()
+    run_dir = run_search(spec, os.path.join(workdir, "runs"))
+    wall = time.time() - t0
+    with open(os.path.join(run_dir, "trials.csv"), newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    train_s = sum(float(r["train_s"] or 0) for r in rows)
+    return {"side": "peft-search", "trials": len(rows), "states": {s: sum(r["state"] == s for r in rows)
+                                                                  for s in ("COMPLETE", "PRUNED", "FAIL")},
+            "wall_s": round(wall, 1), "train_s": round(train_s, 1),
+            "overhead_per_trial_s": round((wall - train_s) / trials, 2), "train_fraction": round(train_s / wall, 3)}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--trials", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args()
+    workdir = tempfile.mkdtemp(prefix="trial_overhead_")
+    naive = run_naive(args.trials, args.steps, os.path.join(workdir, "naive"))
+    ours = run_ours(args.trials, args.steps, os.path.join(workdir, "ours"))
+    for side in (naive, ours):
+        print(f"{side.get('side', 'naive'):>12}: wall {side['wall_s']:7.1f} s, in training steps {side['train_s']:6.1f} s, "
+              f"overhead per trial {side['overhead_per_trial_s']:6.2f} s")
+    summary = {
+        "trials": args.trials, "steps": args.steps,
+        "naive_wall_s": naive["wall_s"], "ours_wall_s": ours["wall_s"],
+        "naive_train_s": naive["train_s"], "ours_train_s": ours["train_s"],
+        "naive_overhead_per_trial_s": naive["overhead_per_trial_s"],
+        "ours_overhead_per_trial_s": ours["overhead_per_trial_s"],
+        # trials per hour = trials / wall; the ratio is ours over naive
+        "trials_per_hour_ratio": round(naive["wall_s"] / ours["wall_s"], 3),
+        "naive_breakdown": naive.get("breakdown"), "ours_states": ours["states"],
+    }
+    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+    with open(RESULTS, "w") as handle:
+        json.dump(summary, handle, indent=2)
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""The CLI's exit codes and messages (INTERFACE.md): invalid input exits 2 before anything starts."""
+import subprocess
+import sys
+
+import yaml
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "search", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+def test_validate_accepts_the_quickstart():
+    proc = run_cli("validate", "examples/quickstart.yaml")
+    assert proc.returncode == 0, proc.stderr
+    assert "valid" in proc.stdout
+
+
+def test_invalid_spec_exits_2_with_one_line_per_problem_and_writes_nothing(tmp_path):
+    spec = yaml.safe_load(open("examples/quickstart.yaml"))
+    spec["data"]["train"] = "/nonexistent/train.jsonl"
+    spec["space"]["r"] = [0, 4]
+    spec["search"]["trials"] = 0
+    spec["bogus"] = 1
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    runs = tmp_path / "runs"
+    proc = run_cli("run", str(path), "--runs-dir", str(runs))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    for key in ("data.train", "space.r", "search.trials", "bogus"):
+        assert any(line.startswith(key) for line in lines), (key, lines)
+    assert not runs.exists(), "nothing may be written for an invalid spec"
+
+
+def test_report_on_a_directory_without_a_search_exits_2(tmp_path):
+    proc = run_cli("report", str(tmp_path))
+    assert proc.returncode == 2 and "holds no search" in proc.stderr
+
+
+def test_export_without_a_search_exits_2(tmp_path):
+    proc = run_cli("export", str(tmp_path), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2 and "RUN_DIR" in proc.stderr

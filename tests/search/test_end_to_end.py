@@ -1,0 +1,114 @@
+"""One real `peft-search run` through Ray Tune + Optuna + ASHA + Ray Train + DeepSpeed on a tiny spec,
+checked by the files it writes (the run directory of INTERFACE.md)."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from trainers.tiny_models import build_tiny_classifier, make_learnable_classification_data
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    model = build_tiny_classifier(str(root / "tiny-bert"), num_labels=2)
+    train = make_learnable_classification_data(str(root / "train.jsonl"), 160, seed=1)
+    spec = {
+        "name": "e2e",
+        "model": {"name_or_path": model, "task": "sequence-classification"},
+        "data": {"train": train, "text_field": "text", "label_field": "label", "max_length": 32},
+        "peft": {"method": "lora", "target_modules": ["query", "value"]},
+        # 1e9 diverges at once: the search must record it as FAIL with its reason and go on
+        "space": {"r": [2, 4], "learning_rate": [5e-3, 1e9]},
+        "training": {"epochs": 2, "batch_size": 16},
+        "objective": {"metric": "eval_accuracy", "mode": "max"},
+        "search": {"algorithm": "random", "trials": 4, "concurrency": 2, "scheduler": "asha",
+                   "evals_per_epoch": 1, "grace_rounds": 1, "seed": 3},
+        "resources": {"workers_per_trial": 1, "deepspeed": {"zero_stage": 2}},
+        "tracking": {"wandb": "disabled"},
+    }
+    spec_path = root / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    runs = root / "runs"
+    proc = subprocess.run([sys.executable, "-m", "search", "run", str(spec_path), "--runs-dir", str(runs)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return runs / "e2e", model, proc.stdout
+
+
+def read_rows(run_dir):
+    with open(run_dir / "trials.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_every_trial_is_accounted_for_with_its_state(finished_run):
+    run_dir, _, _ = finished_run
+    rows = read_rows(run_dir)
+    assert [int(r["number"]) for r in rows] == [0, 1, 2, 3]
+    assert {r["state"] for r in rows} <= {"COMPLETE", "PRUNED", "FAIL"}
+    for column in ("param_r", "param_learning_rate", "eval_accuracy", "tokens_per_s", "peak_mem_mb",
+                   "adapter_mb", "train_s", "energy_j", "fail_reason"):
+        assert column in rows[0]
+
+
+def test_diverging_trials_fail_with_their_reason_and_others_complete(finished_run):
+    run_dir, _, _ = finished_run
+    rows = read_rows(run_dir)
+    failed = [r for r in rows if float(r["param_learning_rate"]) > 1]
+    assert failed, "the seeded sampler should have drawn the diverging learning rate at least once"
+    assert all(r["state"] == "FAIL" and "diverged at step" in r["fail_reason"] for r in failed)
+    complete = [r for r in rows if r["state"] == "COMPLETE"]
+    assert complete and all(float(r["tokens_per_s"]) > 0 and float(r["train_s"]) > 0 for r in complete)
+
+
+def test_best_adapter_is_the_best_complete_trial_and_reloads(finished_run):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    run_dir, model_path, _ = finished_run
+    best = run_dir / "best"
+    assert (best / "adapter_model.safetensors").is_file() and (best / "adapter_config.json").is_file()
+    metrics = json.loads((best / "metrics.json").read_text())
+    complete = [r for r in read_rows(run_dir) if r["state"] == "COMPLETE"]
+    assert float(metrics["eval_accuracy"]) == pytest.approx(max(float(r["eval_accuracy"]) for r in complete))
+    base = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2)
+    reloaded = PeftModel.from_pretrained(base, str(best))
+    with torch.no_grad():
+        logits = reloaded(input_ids=torch.tensor([[2, 5, 7, 3]])).logits
+    assert logits.shape == (1, 2)
+
+
+def test_spec_report_and_study_are_written(finished_run):
+    run_dir, _, stdout = finished_run
+    saved = yaml.safe_load((run_dir / "spec.yaml").read_text())
+    assert saved["name"] == "e2e" and saved["peft"]["method"] == "lora"
+    report = (run_dir / "report.md").read_text()
+    assert "## Best trial" in report and "majority class" in report and "## Failed trials" in report
+    assert "## Best trial" in stdout  # the run ends by printing its report
+    assert (run_dir / "study.sqlite3").is_file()
+
+
+def test_report_command_rebuilds_from_storage(finished_run):
+    run_dir, _, _ = finished_run
+    before = (run_dir / "trials.csv").read_text()
+    os.remove(run_dir / "trials.csv")
+    os.remove(run_dir / "report.md")
+    proc = subprocess.run([sys.executable, "-m", "search", "report", str(run_dir)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (run_dir / "trials.csv").read_text() == before
+    assert (run_dir / "report.md").is_file()
+
+
+def test_run_refuses_a_directory_that_holds_a_search(finished_run, tmp_path):
+    run_dir, _, _ = finished_run
+    spec = run_dir / "spec.yaml"
+    proc = subprocess.run([sys.executable, "-m", "search", "run", str(spec), "--runs-dir", str(run_dir.parent)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "already holds a search" in proc.stderr

@@ -1,0 +1,44 @@
+"""Settings and per-method parameters shared by the trainers tests (a plain module: conftest is not importable)."""
+from __future__ import annotations
+
+from trainers.settings import DataSettings, EngineSettings, ModelSettings, PeftSettings, TrainingSettings, TrialSettings
+
+# Per method: parameters for the tiny BERT / tiny llama, and a learning rate that learns the toy task
+# in a few epochs (prompt methods and IA3 need far larger rates than LoRA, as in published practice).
+BERT_PARAMS = {
+    "lora": {"r": 4, "target_modules": ["query", "value"]},
+    "prompt-tuning": {"num_virtual_tokens": 4},
+    "prefix-tuning": {"num_virtual_tokens": 4},
+    "ia3": {"target_modules": ["key", "value", "output.dense"], "feedforward_modules": ["output.dense"]},
+}
+LLAMA_PARAMS = {
+    "lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]},
+    "prompt-tuning": {"num_virtual_tokens": 4},
+    "prefix-tuning": {"num_virtual_tokens": 4},
+    "ia3": {"target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]},
+}
+LEARNING_RATES = {"lora": 3e-2, "prompt-tuning": 1e-1, "prefix-tuning": 1e-1, "ia3": 1e-1}
+METHODS = tuple(BERT_PARAMS)
+
+
+
+def cls_settings(model_path, data_path, method="lora", **training) -> TrialSettings:
+    training = {"learning_rate": LEARNING_RATES[method], "epochs": 3, "batch_size": 16, **training}
+    return TrialSettings(
+        model=ModelSettings(model_path, task="sequence-classification"),
+        data=DataSettings(data_path, max_length=32),
+        peft=PeftSettings(method, BERT_PARAMS[method]),
+        training=TrainingSettings(**training),
+        engine=EngineSettings(num_threads=1),
+    )
+
+
+def lm_settings(model_path, data_path, method="lora", quantization="none", **training) -> TrialSettings:
+    training = {"learning_rate": LEARNING_RATES[method], "epochs": 2, "batch_size": 16, **training}
+    return TrialSettings(
+        model=ModelSettings(model_path, task="causal-lm", quantization=quantization),
+        data=DataSettings(data_path, max_length=32),
+        peft=PeftSettings(method, LLAMA_PARAMS[method]),
+        training=TrainingSettings(**training),
+        engine=EngineSettings(num_threads=1),
+    )
