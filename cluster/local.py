@@ -8,6 +8,7 @@ worker instead, so the cores are not oversubscribed.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional
 
@@ -30,12 +31,12 @@ def threads_per_worker(concurrency: int, workers_per_trial: int) -> int:
     return max(1, physical_cores() // max(1, concurrency * workers_per_trial))
 
 
-def logical_cpus(concurrency: int, workers_per_trial: int) -> int:
+def logical_cpus(concurrency: int, cpus_per_trial: float) -> int:
     # each running trial: its workers plus headroom for the group that is still shutting down
-    return max(physical_cores(), 2 * concurrency * workers_per_trial + 2)
+    return max(physical_cores(), math.ceil(2 * concurrency * cpus_per_trial) + 2)
 
 
-def connect(address: Optional[str], concurrency: int, workers_per_trial: int) -> bool:
+def connect(address: Optional[str], concurrency: int, cpus_per_trial: float) -> bool:
     """Start or join Ray. Returns True when this process started an embedded cluster."""
     import ray
 
@@ -47,8 +48,12 @@ def connect(address: Optional[str], concurrency: int, workers_per_trial: int) ->
         ray.init(address=address, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True)
         return False
     ray.init(
-        num_cpus=logical_cpus(concurrency, workers_per_trial),
-        include_dashboard=False,            # nothing listens beyond loopback on a laptop
+        num_cpus=logical_cpus(concurrency, cpus_per_trial),
+        # The dashboard serves Ray's State API, which Ray Train's PlacementGroupCleaner needs to free
+        # the CPUs of a trial that ASHA stopped; without it those CPUs leak until no trial can start.
+        # Bound to loopback so nothing listens beyond this machine.
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
         _node_ip_address="127.0.0.1",
         runtime_env={"env_vars": WORKER_ENV},
         configure_logging=True,

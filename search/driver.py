@@ -29,7 +29,8 @@ def run_search(spec, runs_dir: str, address: Optional[str] = None) -> str:
     # A failing trial reports only its reason; Tune's strict check would turn that into a
     # driver-side error instead of a FAIL row.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    started_ray = local.connect(address, spec.search.concurrency, spec.resources.workers_per_trial)
+    cpus_per_trial = spec.resources.workers_per_trial * spec.resources.cpus_per_worker
+    started_ray = local.connect(address, spec.search.concurrency, cpus_per_trial)
     try:
         _fit(spec, run_dir)
     finally:

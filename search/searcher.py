@@ -19,6 +19,8 @@ from ray.tune.search.optuna import OptunaSearch
 TRIAL_NUMBER_KEY = "__optuna_trial_number"
 FAIL_REASON_KEY = "fail_reason"
 ROUNDS_TOTAL_KEY = "rounds_total"
+# System figures recorded per trial (INTERFACE.md trials.csv columns).
+SYSTEM_KEYS = ("tokens_per_s", "peak_mem_mb", "adapter_mb", "train_s", "energy_j", "trainable_params", ROUNDS_TOTAL_KEY)
 
 
 def _sampler_tpe(seed: int) -> optuna.samplers.BaseSampler:
@@ -106,6 +108,3 @@ class PeftOptunaSearch(OptunaSearch):
             return TrialState.PRUNED, None
         return TrialState.COMPLETE, values if len(values) > 1 else values[0]
 
-
-# System figures recorded per trial (INTERFACE.md trials.csv columns).
-SYSTEM_KEYS = ("tokens_per_s", "peak_mem_mb", "adapter_mb", "train_s", "energy_j", "trainable_params", ROUNDS_TOTAL_KEY)

@@ -132,7 +132,7 @@ class ResourcesSection(Section):
     PATH = "resources"
     workers_per_trial: int = rule(1, "int", low=1)
     gpus_per_worker: float = rule(0.0, "float", low=0)   # fractions share a GPU between trials
-    cpus_per_worker: float = rule(1.0, "float", low=0, low_open=True)  # added
+    cpus_per_worker: float = rule(1.0, "float", low=0, low_open=True)  # logical CPUs Ray reserves per worker
     deepspeed: DeepSpeedSection = rule(type="section", section=DeepSpeedSection)
 
 

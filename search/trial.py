@@ -50,7 +50,8 @@ def tune_trial(config: Dict[str, Any], spec, run_dir: str, threads_per_worker: i
         scaling_config=ScalingConfig(
             num_workers=resources.workers_per_trial,
             use_gpu=resources.gpus_per_worker > 0,
-            resources_per_worker={"CPU": 1, **({"GPU": resources.gpus_per_worker} if resources.gpus_per_worker else {})},
+            resources_per_worker={"CPU": resources.cpus_per_worker,
+                                  **({"GPU": resources.gpus_per_worker} if resources.gpus_per_worker else {})},
         ),
         run_config=RunConfig(name=f"trial_{number:04d}", storage_path=os.path.join(run_dir, "ray"),
                              callbacks=[TuneReportCallback()]),
