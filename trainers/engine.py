@@ -69,6 +69,8 @@ class PlainEngine:
     ranks' gradients are averaged.
     """
 
+    name = "plain"
+
     def __init__(self, model: torch.nn.Module, training: TrainingSettings, total_steps: int):
         import torch.distributed as dist
 
@@ -112,6 +114,10 @@ class PlainEngine:
 
 class DeepSpeedEngine:
     """A DeepSpeed ZeRO engine around the PEFT model, with torch AdamW and the LambdaLR as client objects."""
+
+    @property
+    def name(self) -> str:
+        return f"deepspeed-zero{self.zero_stage}"
 
     def __init__(self, model: torch.nn.Module, training: TrainingSettings, engine: EngineSettings,
                  total_steps: int, bf16: bool):

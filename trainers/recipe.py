@@ -204,7 +204,8 @@ def save(trial: Trial, output_dir: str, metrics: Dict[str, Any]) -> float:
     size = all_reduce([size])[0]                  # also keeps the others waiting until the save is done
     if trial.ctx.is_main:
         with open(os.path.join(output_dir, METRICS_FILE), "w", encoding="utf-8") as handle:
-            json.dump({**metrics, "adapter_mb": size}, handle, indent=2)
+            json.dump({**metrics, "adapter_mb": size, "engine": trial.engine.name,
+                       "world_size": trial.ctx.world_size}, handle, indent=2)
     return size
 
 

@@ -85,6 +85,13 @@ def test_best_adapter_is_the_best_complete_trial_and_reloads(finished_run):
     assert logits.shape == (1, 2)
 
 
+def test_trials_ran_in_a_deepspeed_zero2_worker_group(finished_run):
+    run_dir, _, _ = finished_run
+    complete = [r for r in read_rows(run_dir) if r["state"] == "COMPLETE"]
+    trial_metrics = json.loads((run_dir / "trials" / f"{int(complete[0]['number']):04d}" / "metrics.json").read_text())
+    assert trial_metrics["engine"] == "deepspeed-zero2" and trial_metrics["world_size"] == 1
+
+
 def test_spec_report_and_study_are_written(finished_run):
     run_dir, _, stdout = finished_run
     saved = yaml.safe_load((run_dir / "spec.yaml").read_text())
