@@ -17,6 +17,7 @@ from search.progress import ProgressLines
 from search.schedulers import make_scheduler
 from search.searcher import PeftOptunaSearch, make_sampler
 from search.storage import STUDY_NAME, open_storage
+from search.tracking import log_tables
 from search.trial import tune_trial
 
 log = logging.getLogger("peft_search")
@@ -24,6 +25,9 @@ log = logging.getLogger("peft_search")
 
 def run_search(spec, runs_dir: str, address: Optional[str] = None) -> str:
     """Run the whole search; returns the run directory."""
+    from search.tracking import check_available
+
+    check_available(spec.tracking)  # a missing wandb fails here, not in every trial
     run_dir = prepare_run_dir(spec, runs_dir)
     started = time.time()
     # A failing trial reports only its reason; Tune's strict check would turn that into a
@@ -35,7 +39,8 @@ def run_search(spec, runs_dir: str, address: Optional[str] = None) -> str:
         _fit(spec, run_dir)
     finally:
         local.shutdown(started_ray)
-        outputs.refresh(run_dir, wall_s=time.time() - started)
+        rows = outputs.refresh(run_dir, wall_s=time.time() - started)
+        log_tables(run_dir, spec.name, spec.tracking, {"trials": rows})
     return run_dir
 
 

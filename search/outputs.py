@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Optional
+from typing import List, Optional
 
 from search import report
 from search.results import best_row, load_study, trial_rows, write_trials_csv
@@ -25,8 +25,8 @@ def storage_for(run_dir: str, summary: dict) -> str:
     return os.environ.get("PEFT_SEARCH_STORAGE", summary["storage"])
 
 
-def refresh(run_dir: str, wall_s: Optional[float] = None) -> dict:
-    """Write trials.csv, best/ and report.md; returns the best row (or None)."""
+def refresh(run_dir: str, wall_s: Optional[float] = None) -> List[dict]:
+    """Write trials.csv, best/ and report.md; returns the trial rows."""
     summary = read_summary(run_dir)
     study = load_study(open_storage(storage_for(run_dir, summary), run_dir))
     rows = trial_rows(study.get_trials(deepcopy=False), [summary["metric"]])
@@ -38,9 +38,13 @@ def refresh(run_dir: str, wall_s: Optional[float] = None) -> dict:
         wall_s = _previous_wall(run_dir)
     else:
         _record_wall(run_dir, wall_s)
-    text = report.build_report(run_dir, summary, rows, best, summary.get("baseline"), wall_s)
+    from search.sensitivity import importances
+
+    enough = sum(r["state"] == "COMPLETE" for r in rows) >= report.MIN_TRIALS_FOR_SENSITIVITY
+    text = report.build_report(run_dir, summary, rows, best, summary.get("baseline"), wall_s,
+                               importances_by_method=importances(study) if enough else None)
     report.write_report(run_dir, text)
-    return best
+    return rows
 
 
 def _publish_best(run_dir: str, best: dict) -> None:

@@ -20,12 +20,32 @@ def trial_dir(run_dir: str, number: int) -> str:
 
 
 def worker_loop(config: Dict[str, Any]) -> None:
-    """Runs on every Ray Train worker: the trainer recipe with reports going to Ray Train."""
+    """Runs on every Ray Train worker: the trainer recipe with reports going to Ray Train.
+
+    Rank 0 also logs each round to the trial's W&B run (every rank reports to Ray Train, the same
+    number of times, or the group would hang)."""
     import ray.train
 
+    from search.tracking import start_trial
     from trainers.recipe import run_trial
 
-    run_trial(config["settings"], ray.train.report, config["output_dir"])
+    tracker = None
+    if ray.train.get_context().get_world_rank() == 0:
+        tracker = start_trial(config["run_dir"], config["search_name"], config["number"], config["params"],
+                              config["tracking"])
+
+    def report(metrics: dict) -> None:
+        if tracker is not None:
+            tracker.log_round(metrics)
+        ray.train.report(metrics)
+
+    state = "FAIL"
+    try:
+        run_trial(config["settings"], report, config["output_dir"])
+        state = "COMPLETE"
+    finally:  # a trial that ASHA stops is killed: its W&B run stays open and `wandb sync` closes it
+        if tracker is not None:
+            tracker.finish({}, state)
 
 
 def tune_trial(config: Dict[str, Any], spec, run_dir: str, threads_per_worker: int) -> None:
@@ -46,7 +66,8 @@ def tune_trial(config: Dict[str, Any], spec, run_dir: str, threads_per_worker: i
     resources = spec.resources
     trainer = TorchTrainer(
         worker_loop,
-        train_loop_config={"settings": settings, "output_dir": output_dir},
+        train_loop_config={"settings": settings, "output_dir": output_dir, "run_dir": run_dir, "number": number,
+                           "search_name": spec.name, "params": spec.decode(params), "tracking": spec.tracking},
         scaling_config=ScalingConfig(
             num_workers=resources.workers_per_trial,
             use_gpu=resources.gpus_per_worker > 0,

@@ -32,7 +32,7 @@ def finished_run(tmp_path_factory):
         "search": {"algorithm": "random", "trials": 4, "concurrency": 2, "scheduler": "asha",
                    "evals_per_epoch": 1, "grace_rounds": 1, "seed": 3},
         "resources": {"workers_per_trial": 1, "deepspeed": {"zero_stage": 2}},
-        "tracking": {"wandb": "disabled"},
+        "tracking": {"wandb": "offline"},
     }
     spec_path = root / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
@@ -90,6 +90,14 @@ def test_trials_ran_in_a_deepspeed_zero2_worker_group(finished_run):
     complete = [r for r in read_rows(run_dir) if r["state"] == "COMPLETE"]
     trial_metrics = json.loads((run_dir / "trials" / f"{int(complete[0]['number']):04d}" / "metrics.json").read_text())
     assert trial_metrics["engine"] == "deepspeed-zero2" and trial_metrics["world_size"] == 1
+
+
+def test_each_trial_has_an_offline_wandb_run_in_the_run_directory(finished_run):
+    run_dir, _, _ = finished_run
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    # one run per trial (rank 0) plus the search's summary run with the trials table
+    assert len(runs) >= 5, runs
+    assert all(list(r.glob("*.wandb")) for r in runs)
 
 
 def test_spec_report_and_study_are_written(finished_run):

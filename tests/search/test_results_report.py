@@ -54,3 +54,24 @@ def test_report_has_best_baseline_and_failures():
     assert "majority class (always predicts `files`) | 0.2 |" in text
     assert "Trial 3: **eval_accuracy = 0.9**" in text
     assert "- trial 2: diverged at step 3 (loss=nan)" in text
+
+
+def test_sensitivity_section_needs_enough_complete_trials_and_then_rates_settings():
+    import random
+
+    from search.report import MIN_TRIALS_FOR_SENSITIVITY, sensitivity_section
+
+    rng = random.Random(0)
+    rows = []
+    for number in range(30):
+        lr, dropout = 10 ** rng.uniform(-4, -2), rng.uniform(0, 0.2)
+        accuracy = 0.5 + (0.3 if 1e-3 <= lr <= 4e-3 else 0.0) + rng.uniform(-0.01, 0.01)
+        rows.append({"number": number, "state": "COMPLETE", "param_learning_rate": lr,
+                     "param_lora_dropout": dropout, "eval_accuracy": accuracy})
+    few = sensitivity_section(rows[:MIN_TRIALS_FOR_SENSITIVITY - 1], "eval_accuracy", "max", None)
+    assert any("Needs at least" in line for line in few)
+    text = "\n".join(sensitivity_section(rows, "eval_accuracy", "max", {"fanova": {"learning_rate": 0.9}}))
+    lr_line = next(line for line in text.splitlines() if line.startswith("| learning_rate"))
+    dropout_line = next(line for line in text.splitlines() if line.startswith("| lora_dropout"))
+    assert "HIGH" in lr_line and "LOW" in dropout_line
+    assert "fanova importance: learning_rate 0.90" in text
