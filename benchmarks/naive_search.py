@@ -97,7 +97,6 @@ def _breakdown(timing_dir, t_start, t_end):
             tr.update(json.load(open(wp)))
         trials.append(tr)
     trials.sort(key=lambda t: t["start"])
-    n = max(1, len(trials))
 
     def mean(xs):
         xs = [x for x in xs if x is not None]

@@ -49,13 +49,14 @@ def _fit(spec, run_dir: str) -> None:
 
     metric, mode = spec.objective.metric, spec.objective.mode
     space = spec.search_space()
+    has_defaults = bool(spec.default_params())   # some published default lies inside the space
     searcher = PeftOptunaSearch(
         space=space, metric=metric, mode=mode,
         sampler=make_sampler(spec.search.algorithm, spec.search.seed, grid=spec.grid() if spec.search.algorithm == "grid" else None),
         study_name=STUDY_NAME, storage=open_storage(spec.storage, run_dir), seed=spec.search.seed,
         decode=spec.decode,
         # trial 0 tries the published defaults (rank 8, alpha 2r, lr 2e-4, ...) where they lie in the space
-        points_to_evaluate=[spec.default_params(complete=True)] if spec.default_params() else None,
+        points_to_evaluate=[spec.default_params(complete=True)] if has_defaults else None,
     )
     scheduler = make_scheduler(spec.search.scheduler, metric, mode, spec.max_rounds, spec.search.grace_rounds,
                                spec.search.reduction_factor)

@@ -40,9 +40,8 @@ def refresh(run_dir: str, wall_s: Optional[float] = None) -> List[dict]:
         _record_wall(run_dir, wall_s)
     from search.sensitivity import importances
 
-    enough = sum(r["state"] == "COMPLETE" for r in rows) >= report.MIN_TRIALS_FOR_SENSITIVITY
     text = report.build_report(run_dir, summary, rows, best, summary.get("baseline"), wall_s,
-                               importances_by_method=importances(study) if enough else None)
+                               importances_by_method=importances(study) if report.enough_for_sensitivity(rows) else None)
     report.write_report(run_dir, text)
     return rows
 

@@ -9,6 +9,8 @@ import json
 import os
 from typing import Dict, List, Optional
 
+from search.results import SYSTEM_COLUMNS, columns
+
 REPORT_MD = "report.md"
 
 
@@ -51,15 +53,15 @@ def build_report(run_dir: str, spec_summary: Dict[str, object], rows: List[Dict[
             ], ["model", metric]))
         params = {k[len("param_"):]: v for k, v in best.items() if k.startswith("param_")}
         out += ["", "Configuration:", "", "```json", json.dumps(params, indent=2, sort_keys=True, default=str), "```"]
-        figures = {k: best.get(k) for k in ("tokens_per_s", "peak_mem_mb", "adapter_mb", "train_s", "energy_j")}
+        figures = {k: best.get(k) for k in SYSTEM_COLUMNS}
         out += ["", markdown_table([figures], list(figures))]
         out.append(f"\nThe adapter is in `best/` (load it with `PeftModel.from_pretrained(base, \"{os.path.join(run_dir, 'best')}\")`).")
     out += sensitivity_section(rows, metric, mode, importances_by_method)
     out += ["", "## All trials", ""]
-    columns = ["number", "state"] + [c for c in _columns(rows) if c.startswith("param_")] + \
-              [metric] + [c for c in ("eval_loss", "rounds", "tokens_per_s", "peak_mem_mb", "train_s", "fail_reason")
-                          if c != metric]
-    out.append(markdown_table(rows, columns))
+    trial_columns = ["number", "state"] + [c for c in columns(rows) if c.startswith("param_")] + \
+                    [metric] + [c for c in ("eval_loss", "rounds", "tokens_per_s", "peak_mem_mb", "train_s", "fail_reason")
+                                if c != metric]
+    out.append(markdown_table(rows, trial_columns))
     failed = [r for r in rows if r["state"] == "FAIL"]
     if failed:
         out += ["", "## Failed trials", ""]
@@ -72,16 +74,20 @@ def build_report(run_dir: str, spec_summary: Dict[str, object], rows: List[Dict[
 MIN_TRIALS_FOR_SENSITIVITY = 10
 
 
+def enough_for_sensitivity(rows) -> bool:
+    return sum(r["state"] == "COMPLETE" for r in rows) >= MIN_TRIALS_FOR_SENSITIVITY
+
+
 def sensitivity_section(rows, metric: str, mode: str, importances_by_method: Optional[dict]) -> List[str]:
     """Which setting matters for this task, how much, and where its good range lies."""
     from search.sensitivity import sensitivity_table, to_markdown
 
     out = ["", "## Sensitivity", ""]
-    complete = [r for r in rows if r["state"] == "COMPLETE"]
-    if len(complete) < MIN_TRIALS_FOR_SENSITIVITY:
+    if not enough_for_sensitivity(rows):
+        complete = sum(r["state"] == "COMPLETE" for r in rows)
         return out + [f"Needs at least {MIN_TRIALS_FOR_SENSITIVITY} complete trials to tell an effect from noise; "
-                      f"has {len(complete)}."]
-    params = [c[len("param_"):] for c in _columns(rows) if c.startswith("param_")]
+                      f"has {complete}."]
+    params = [c[len("param_"):] for c in columns(rows) if c.startswith("param_")]
     out += [f"Impact: how far `{metric}` moves between a setting's best and worst tested range (points: "
             "x100 for scores in [0, 1]), with other settings' effects removed; rated against the impact of "
             "the same setting shuffled (noise). From complete trials only.", ""]
@@ -90,13 +96,6 @@ def sensitivity_section(rows, metric: str, mode: str, importances_by_method: Opt
         ranked = ", ".join(f"{name} {score:.2f}" for name, score in sorted(scores.items(), key=lambda kv: -kv[1]))
         out.append(f"\n{method} importance: {ranked}")
     return out
-
-
-def _columns(rows):
-    seen: List[str] = []
-    for row in rows:
-        seen.extend(k for k in row if k not in seen)
-    return seen
 
 
 def write_report(run_dir: str, text: str) -> str:

@@ -46,16 +46,22 @@ def trial_rows(trials: Sequence[FrozenTrial], objective_names: Sequence[str]) ->
     return rows
 
 
-def write_trials_csv(rows: List[Dict[str, object]], path: str) -> None:
-    columns: List[str] = []
+def columns(rows: List[Dict[str, object]]) -> List[str]:
+    """Every key of the rows, in first-seen order (rows of different trials have different params)."""
+    seen: List[str] = []
     for row in rows:
-        columns.extend(k for k in row if k not in columns)
+        seen.extend(k for k in row if k not in seen)
+    return seen
+
+
+def write_trials_csv(rows: List[Dict[str, object]], path: str) -> None:
+    names = columns(rows)
     tmp = path + ".tmp"
     with open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns or ["number", "state"])
+        writer = csv.DictWriter(handle, fieldnames=names or ["number", "state"])
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: _cell(row.get(k)) for k in columns})
+            writer.writerow({k: _cell(row.get(k)) for k in names})
     os.replace(tmp, path)  # a reader never sees half a file
 
 

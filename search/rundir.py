@@ -6,6 +6,8 @@ import os
 
 import yaml
 
+from search.storage import redact_url
+
 SPEC_FILE = "spec.yaml"
 SUMMARY_FILE = "search.json"
 
@@ -30,7 +32,8 @@ def write_summary(run_dir: str, spec) -> None:
     summary = {
         "name": spec.name, "model": spec.model.name_or_path, "task": spec.model.task, "method": spec.peft.method,
         "metric": spec.objective.metric, "mode": spec.objective.mode, "algorithm": spec.search.algorithm,
-        "scheduler": spec.search.scheduler, "trials": spec.search.trials, "storage": _storage_ref(spec.storage),
+        # the password of a database URL is never written; PEFT_SEARCH_STORAGE supplies the full URL later
+        "scheduler": spec.search.scheduler, "trials": spec.search.trials, "storage": redact_url(spec.storage),
         "baseline": majority_baseline(spec),
     }
     with open(os.path.join(run_dir, SUMMARY_FILE), "w", encoding="utf-8") as handle:
@@ -43,13 +46,6 @@ def read_summary(run_dir: str) -> dict:
         raise RunDirError(f"{run_dir}: holds no search (no {SUMMARY_FILE})")
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)
-
-
-def _storage_ref(storage: str) -> str:
-    # the password of a database URL is never written; PEFT_SEARCH_STORAGE supplies the full URL later
-    from search.storage import redact_url
-
-    return redact_url(storage)
 
 
 def majority_baseline(spec):

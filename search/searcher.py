@@ -15,12 +15,14 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
+from search.results import SYSTEM_COLUMNS
+
 # The key under which the searcher passes the Optuna trial number to the trial function.
 TRIAL_NUMBER_KEY = "__optuna_trial_number"
 FAIL_REASON_KEY = "fail_reason"
 ROUNDS_TOTAL_KEY = "rounds_total"
-# System figures recorded per trial (INTERFACE.md trials.csv columns).
-SYSTEM_KEYS = ("tokens_per_s", "peak_mem_mb", "adapter_mb", "train_s", "energy_j", "trainable_params", ROUNDS_TOTAL_KEY)
+# Figures stored on each Optuna trial besides its metrics: trials.csv's system columns and bookkeeping.
+SYSTEM_KEYS = (*SYSTEM_COLUMNS, "trainable_params", ROUNDS_TOTAL_KEY)
 
 
 def _sampler_tpe(seed: int) -> optuna.samplers.BaseSampler:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import re
 from dataclasses import dataclass
 from typing import List, Optional, Tuple, Union
 from urllib.parse import urlsplit
 
 from search.spec_fields import Section, rule
+from search.storage import redact_url  # noqa: F401 (spec.py imports it from here)
 from spaces.methods import TRAINING_PARAMS
 from trainers.settings import QUANTIZATIONS, TASKS
 
@@ -176,8 +176,3 @@ def storage_problems(url: object, check_environment: bool = True) -> List[str]:
     if check_environment and importlib.util.find_spec("psycopg2") is None:
         problems.append("storage: postgresql storage needs the psycopg2 driver: pip install psycopg2-binary")
     return problems
-
-
-def redact_url(url: str) -> str:
-    """`scheme://user:secret@host/...` -> `scheme://user:***@host/...`; other strings unchanged."""
-    return re.sub(r"(?<=://)([^:/@]*):([^@/]*)@", lambda m: f"{m.group(1)}:***@", url)

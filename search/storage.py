@@ -24,5 +24,5 @@ def open_storage(storage: str, run_dir: str):
 
 
 def redact_url(url: str) -> str:
-    """postgresql://user:secret@host/db -> postgresql://user:***@host/db"""
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+    """`scheme://user:secret@host/...` -> `scheme://user:***@host/...`; other strings unchanged."""
+    return re.sub(r"(?<=://)([^:/@]*):([^@/]*)@", lambda m: f"{m.group(1)}:***@", url)

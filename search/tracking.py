@@ -36,6 +36,8 @@ import os
 import re
 from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol
 
+from search.results import SYSTEM_COLUMNS
+
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'peft-search[wandb]'"
@@ -44,7 +46,7 @@ FINISH_TIMEOUT_S = 60.0      # online upload at finish; the offline files stay s
 STATES = ("COMPLETE", "PRUNED", "FAIL")
 
 # Keys of per-round metrics that describe the trial as a whole: copied into the run summary.
-SYSTEM_KEYS = ("tokens_per_s", "peak_mem_mb", "train_s", "energy_j", "trainable_params", "adapter_mb")
+SYSTEM_KEYS = (*SYSTEM_COLUMNS, "trainable_params")
 
 _SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential|auth)", re.IGNORECASE)
 
