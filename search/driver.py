@@ -40,14 +40,27 @@ def run_search(spec, runs_dir: str, address: Optional[str] = None) -> str:
     finally:
         local.shutdown(started_ray)
         rows = outputs.refresh(run_dir, wall_s=time.time() - started)
-        log_tables(run_dir, spec.name, spec.tracking, {"trials": rows})
+        log_tables(run_dir, spec.name, spec.tracking, {"trials": rows, **_sensitivity_tables(spec, run_dir, rows)})
     return run_dir
+
+
+def _sensitivity_tables(spec, run_dir: str, rows) -> dict:
+    """The sensitivity table and importances for W&B, on the first objective."""
+    if spec.tracking.wandb == "disabled":
+        return {}
+    from search.results import load_study
+    from search.sensitivity import summary_tables
+
+    study = load_study(open_storage(spec.storage, run_dir))
+    return summary_tables(rows, study, spec.objective.metrics[0], spec.objective.modes[0])
 
 
 def _fit(spec, run_dir: str) -> None:
     from ray import tune
 
     metric, mode = spec.objective.metric, spec.objective.mode
+    if not isinstance(metric, str):   # several objectives: Ray's OptunaSearch wants lists
+        metric, mode = list(metric), list(mode)
     space = spec.search_space()
     has_defaults = bool(spec.default_params())   # some published default lies inside the space
     searcher = PeftOptunaSearch(

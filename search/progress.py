@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Sequence, Union
 
 from ray.tune import Callback
 
@@ -10,22 +11,27 @@ from search.searcher import FAIL_REASON_KEY, ROUNDS_TOTAL_KEY, TRIAL_NUMBER_KEY
 
 
 class ProgressLines(Callback):
-    def __init__(self, metric: str, mode: str, total: int):
-        self.metric, self.mode, self.total = metric, mode, total
+    """`metric`/`mode`: one objective, or lists of several (then "best" is the first objective's best)."""
+
+    def __init__(self, metric: Union[str, Sequence[str]], mode: Union[str, Sequence[str]], total: int):
+        self.metrics = [metric] if isinstance(metric, str) else list(metric)
+        self.mode = mode if isinstance(mode, str) else mode[0]
+        self.total = total
         self.counts = {"complete": 0, "pruned": 0, "failed": 0}
         self.best = None
         self.started = time.time()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         result = trial.last_result or {}
-        value = result.get(self.metric)
+        value = result.get(self.metrics[0])
         finished = result.get("round") is not None and result.get("round") >= result.get(ROUNDS_TOTAL_KEY, 0)
         outcome = "complete" if finished else "pruned"
         self.counts[outcome] += 1
         if outcome == "complete" and isinstance(value, (int, float)) and math.isfinite(value):
             if self.best is None or (value > self.best if self.mode == "max" else value < self.best):
                 self.best = value
-        self._line(trial, f"{outcome} after round {result.get('round')}: {self.metric}={_fmt(value)}")
+        values = ", ".join(f"{name}={_fmt(result.get(name))}" for name in self.metrics)
+        self._line(trial, f"{outcome} after round {result.get('round')}: {values}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.counts["failed"] += 1
@@ -38,7 +44,8 @@ class ProgressLines(Callback):
         eta = elapsed / done * (self.total - done) if done else float("nan")
         tally = ", ".join(f"{n} {k}" for k, n in self.counts.items() if n)
         print(f"[peft-search] trial {trial.config.get(TRIAL_NUMBER_KEY, '?')} {what} | {done}/{self.total} done "
-              f"({tally}), best {self.metric}={_fmt(self.best)}, {elapsed:.0f}s elapsed, ~{eta:.0f}s left", flush=True)
+              f"({tally}), best {self.metrics[0]}={_fmt(self.best)}, {elapsed:.0f}s elapsed, ~{eta:.0f}s left",
+              flush=True)
 
 
 def _fmt(value) -> str:

@@ -266,3 +266,20 @@ def to_markdown(table: Sequence[SensitivityRow]) -> str:
                  f"{r.impact_ci[0]:.2f}–{r.impact_ci[1]:.2f}", r.rating, r.guidance]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def summary_tables(rows: Sequence[Dict[str, object]], study, metric: str, mode: str) -> Dict[str, List[dict]]:
+    """The sensitivity table and the importances as records (W&B Tables at the end of a search);
+    empty when there are too few complete trials to tell an effect from noise."""
+    from search.report import enough_for_sensitivity
+
+    if not enough_for_sensitivity(rows):
+        return {}
+    sensitivity = [{"setting": r.param, "range_tested": r.range_tested, "optimal_range": r.optimal_range,
+                    "impact_points": r.impact_points, "impact_ci_low": r.impact_ci[0],
+                    "impact_ci_high": r.impact_ci[1], "noise_floor": r.noise_floor, "rating": r.rating,
+                    "guidance": r.guidance}
+                   for r in sensitivity_table(rows, None, metric, mode)]
+    ranked = [{"evaluator": method, "param": name, "importance": score}
+              for method, scores in importances(study).items() for name, score in scores.items()]
+    return {"sensitivity": sensitivity, "importances": ranked}

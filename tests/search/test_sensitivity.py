@@ -139,3 +139,16 @@ def test_same_seed_same_result_and_markdown(rows):
 def test_rating_thresholds():
     assert [rating(x) for x in (23, 4.01, 4, 1, 0.99, 0.5, 0.49, 0)] == \
         ["VERY HIGH", "VERY HIGH", "HIGH", "HIGH", "MEDIUM", "MEDIUM", "LOW", "LOW"]
+
+
+def test_summary_tables_for_wandb(study, rows):
+    from search.sensitivity import summary_tables
+
+    tables = summary_tables(rows, study, "eval_accuracy", "max")
+    assert tables["sensitivity"][0]["setting"] == "learning_rate"
+    assert tables["sensitivity"][0]["rating"] in ("HIGH", "VERY HIGH")
+    evaluators = {r["evaluator"] for r in tables["importances"]}
+    assert evaluators == {"fanova", "ped_anova"}
+    assert {r["param"] for r in tables["importances"]} == set(DIST)
+    few = [r for r in rows if r["number"] < 5]
+    assert summary_tables(few, study, "eval_accuracy", "max") == {}
