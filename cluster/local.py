@@ -45,7 +45,7 @@ def connect(address: Optional[str], concurrency: int, cpus_per_trial: float) -> 
     if ray.is_initialized():
         return False
     if address:
-        ray.init(address=address, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True)
+        ray.init(address=address, runtime_env={"env_vars": _env_not_set_by_job()}, log_to_driver=True)
         return False
     ray.init(
         num_cpus=logical_cpus(concurrency, cpus_per_trial),
@@ -61,6 +61,16 @@ def connect(address: Optional[str], concurrency: int, cpus_per_trial: float) -> 
         log_to_driver=True,
     )
     return True
+
+
+def _env_not_set_by_job() -> dict:
+    """WORKER_ENV less the variables a `ray job submit` runtime env already sets: Ray refuses to merge a
+    driver's runtime env into the job's when both name the same variable."""
+    import json
+
+    job_config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
+    job_env = (job_config.get("runtime_env") or {}).get("env_vars") or {}
+    return {key: value for key, value in WORKER_ENV.items() if key not in job_env}
 
 
 def shutdown(started_here: bool) -> None:

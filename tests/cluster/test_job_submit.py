@@ -1,0 +1,95 @@
+"""`ray job submit --working-dir . -- peft-search run examples/smoke.yaml` against a real Ray cluster started
+with `ray start --head` on this machine (README: "On a Ray cluster").
+
+The test starts its own head on free ports with its own token, waits for the job, checks the run directory and
+`ray job logs`, and stops only the cluster it started (its process group), never other Ray processes here."""
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+import pytest
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+BIN = os.path.dirname(sys.executable)
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def ray_cli(*args, env, timeout=120):
+    return subprocess.run([os.path.join(BIN, "ray"), *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture()
+def ray_head():
+    """A head node of our own: `ray start --head --block` in its own process group."""
+    if shutil.which("ray", path=BIN) is None:
+        pytest.skip("the ray CLI is not installed next to this Python")
+    # The job's entrypoint (`peft-search`) is looked up on the PATH the head was started with.
+    env = {**os.environ, "PATH": BIN + os.pathsep + os.environ.get("PATH", ""), "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    temp_dir = tempfile.mkdtemp(prefix="rayh", dir="/tmp")   # short: Ray's socket paths have a length limit
+    dashboard = free_port()
+    ports = {"--port": free_port(), "--dashboard-port": dashboard, "--ray-client-server-port": free_port(),
+             "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
+             "--metrics-export-port": free_port(), "--runtime-env-agent-port": free_port(),
+             "--node-manager-port": free_port(), "--object-manager-port": free_port()}
+    head = subprocess.Popen(
+        [os.path.join(BIN, "ray"), "start", "--head", "--block", "--num-cpus", "8", "--node-ip-address",
+         "127.0.0.1", "--dashboard-host", "127.0.0.1", "--temp-dir", temp_dir, "--disable-usage-stats",
+         *[str(x) for pair in ports.items() for x in pair]],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.time() + 180
+        while ray_cli("job", "list", "--address", address, env=env).returncode != 0:
+            assert head.poll() is None, "ray start --head exited"
+            assert time.time() < deadline, "the head's job server did not come up in 180 s"
+            time.sleep(2)
+        yield address, env
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)   # our head and everything it started; nothing else
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_ray_job_submit_runs_a_search_on_the_cluster(ray_head, tmp_path):
+    address, env = ray_head
+    runs = tmp_path / "runs"
+    job_id = f"peft-search-smoke-{uuid.uuid4().hex[:8]}"
+    submit = ray_cli("job", "submit", "--address", address, "--submission-id", job_id, "--working-dir", REPO,
+                     "--runtime-env", os.path.join(REPO, "cluster", "runtime_env.yaml"),
+                     "--", "peft-search", "run", "examples/smoke.yaml", "--runs-dir", str(runs),
+                     env=env, timeout=900)
+    assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+    assert f"Job '{job_id}' succeeded" in submit.stdout + submit.stderr
+
+    run_dir = runs / "smoke"
+    rows = (run_dir / "trials.csv").read_text().splitlines()
+    assert len(rows) == 3 and all(",COMPLETE," in row for row in rows[1:]), rows
+    assert (run_dir / "best" / "adapter_model.safetensors").is_file()
+    assert "# peft-search report: smoke" in (run_dir / "report.md").read_text()
+    assert list((run_dir / "wandb").glob("offline-run-*")), "W&B offline run files in the run directory"
+
+    logs = ray_cli("job", "logs", "--address", address, job_id, env=env)
+    assert logs.returncode == 0, logs.stderr
+    assert "[peft-search] trial 0 complete" in logs.stdout and "2/2 done" in logs.stdout
+    status = ray_cli("job", "status", "--address", address, job_id, env=env)
+    assert "succeeded" in (status.stdout + status.stderr).lower()
