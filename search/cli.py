@@ -21,9 +21,13 @@ def _problems_exit(problems: List[str]) -> int:
 
 
 def _load(path: str):
-    from search.validate import validate_file
+    """(spec, problems) of the spec at `path`; its warnings (valid, but worth a look) go to stderr."""
+    from search.validate import check_file
 
-    return validate_file(path)
+    spec, problems, warnings = check_file(path)
+    for warning in warnings:
+        print(warning, file=sys.stderr)
+    return spec, problems
 
 
 def cmd_validate(args) -> int:
@@ -56,6 +60,9 @@ def _print_report(run_dir: str) -> int:
     with open(os.path.join(run_dir, "report.md"), encoding="utf-8") as handle:
         print(handle.read())
     print(f"run directory: {run_dir}")
+    html = os.path.join(run_dir, "report.html")
+    if os.path.isfile(html):  # the same report with plots, one file that opens offline
+        print(f"report with plots: {html}")
     return EXIT_OK
 
 
@@ -81,6 +88,20 @@ def cmd_export(args) -> int:
     return EXIT_OK
 
 
+def cmd_wandb_sync(args) -> int:
+    import subprocess
+
+    from search.tracking import sync_command
+
+    try:
+        command = sync_command(os.path.abspath(args.run_dir), dry_run=args.dry_run, project=args.project,
+                               entity=args.entity)
+    except (FileNotFoundError, ImportError) as exc:
+        return _problems_exit([f"RUN_DIR: {exc}"])
+    # the key comes from WANDB_API_KEY or `wandb login`, never from the command line
+    return EXIT_OK if subprocess.run(command).returncode == 0 else EXIT_RUNTIME
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peft-search", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -92,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", default="runs", help="parent of the run directory (default: ./runs)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or embedded)")
     p.set_defaults(func=cmd_run)
-    p = sub.add_parser("report", help="(re)build trials.csv, best/ and report.md from stored results")
+    p = sub.add_parser("report", help="(re)build trials.csv, best/, report.md and report.html from stored results")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)
     p = sub.add_parser("export", help="write the best (or trial N's) adapter, or a merged model")
@@ -101,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", action="store_true")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export)
+    p = sub.add_parser("wandb-sync", help="upload a search's W&B offline runs (wandb sync), e.g. after it ran offline")
+    p.add_argument("run_dir")
+    p.add_argument("--dry-run", action="store_true", help="list what would be uploaded, upload nothing")
+    p.add_argument("--project", default=None, help="W&B project (default: the one the runs were made with)")
+    p.add_argument("--entity", default=None)
+    p.set_defaults(func=cmd_wandb_sync)
     return parser
 
 

@@ -58,6 +58,8 @@ def _sensitivity_tables(spec, run_dir: str, rows) -> dict:
 def _fit(spec, run_dir: str) -> None:
     from ray import tune
 
+    from search.refine import Refiner
+
     metric, mode = spec.objective.metric, spec.objective.mode
     if not isinstance(metric, str):   # several objectives: Ray's OptunaSearch wants lists
         metric, mode = list(metric), list(mode)
@@ -68,6 +70,7 @@ def _fit(spec, run_dir: str) -> None:
         sampler=make_sampler(spec.search.algorithm, spec.search.seed, grid=spec.grid() if spec.search.algorithm == "grid" else None),
         study_name=STUDY_NAME, storage=open_storage(spec.storage, run_dir), seed=spec.search.seed,
         decode=spec.decode,
+        refiner=Refiner.from_spec(spec),   # None unless search.refine_every > 0
         # trial 0 tries the published defaults (rank 8, alpha 2r, lr 2e-4, ...) where they lie in the space
         points_to_evaluate=[spec.default_params(complete=True)] if has_defaults else None,
     )

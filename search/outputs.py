@@ -1,19 +1,29 @@
-"""Rebuild the run directory's outputs from the Optuna storage: trials.csv, best/, report.md."""
+"""Rebuild the run directory's outputs from the Optuna storage: trials.csv, best/, report.md, report.html."""
 from __future__ import annotations
 
 import json
 import os
 import shutil
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
-from search import report
-from search.results import best_row, load_study, trial_rows, write_trials_csv
+from search import report, report_html
+from search.results import best_trial, load_study, objectives, trial_rows, write_trials_csv
 from search.rundir import read_summary
 from search.storage import SQLITE_FILE, open_storage
-from search.trial import trial_dir
+from search.trial import SETTINGS_FILE, trial_dir
 
 TRIALS_CSV = "trials.csv"
 BEST_DIR = "best"
+ADAPTER_CONFIG = "adapter_config.json"
+REFINEMENTS_ATTR = "refinements"  # study user attr: the search's own changes to its space
+
+# peft_type -> the PEFT config class that builds it (the methods of trainers/settings.PEFT_METHODS)
+PEFT_CONFIG_CLASSES = {"LORA": "LoraConfig", "PROMPT_TUNING": "PromptTuningConfig",
+                       "PREFIX_TUNING": "PrefixTuningConfig", "IA3": "IA3Config"}
+# Written by save_pretrained for loading the adapter, not settings of it; inference_mode is True in a
+# saved adapter, and a config to train with wants the default (False).
+BOOKKEEPING_KEYS = ("peft_type", "auto_mapping", "base_model_name_or_path", "revision", "peft_version",
+                    "inference_mode")
 
 
 def storage_for(run_dir: str, summary: dict) -> str:
@@ -26,38 +36,85 @@ def storage_for(run_dir: str, summary: dict) -> str:
 
 
 def refresh(run_dir: str, wall_s: Optional[float] = None) -> List[dict]:
-    """Write trials.csv, best/ and report.md; returns the trial rows."""
+    """Write trials.csv, best/, report.md and report.html; returns the trial rows."""
     summary = read_summary(run_dir)
+    objs = objectives(summary)
     study = load_study(open_storage(storage_for(run_dir, summary), run_dir))
-    rows = trial_rows(study.get_trials(deepcopy=False), [summary["metric"]])
+    rows = trial_rows(study.get_trials(deepcopy=False), [metric for metric, _ in objs])
     write_trials_csv(rows, os.path.join(run_dir, TRIALS_CSV))
-    best = best_row(rows, summary["metric"], summary["mode"])
-    if best is not None:
-        _publish_best(run_dir, best)
+    best = best_trial(rows, objs)
+    published = best is not None and _publish_best(run_dir, best)
     if wall_s is None:
         wall_s = _previous_wall(run_dir)
     else:
         _record_wall(run_dir, wall_s)
     from search.sensitivity import importances
 
-    text = report.build_report(run_dir, summary, rows, best, summary.get("baseline"), wall_s,
-                               importances_by_method=importances(study) if report.enough_for_sensitivity(rows) else None)
-    report.write_report(run_dir, text)
+    settings = os.path.join(run_dir, BEST_DIR, SETTINGS_FILE)
+    data = report.ReportInput(
+        run_dir=run_dir, summary=summary, rows=rows, best=best, wall_s=wall_s,
+        importances=importances(study) if report.enough_for_sensitivity(rows) else None,
+        refinements=_refinements(study.user_attrs.get(REFINEMENTS_ATTR)),
+        peft_config=best_peft_config(run_dir, best) if best is not None else None,
+        settings_path=settings if published and os.path.isfile(settings) else None,
+        adapter_dir=os.path.join(run_dir, BEST_DIR) if published else None)
+    report.write_report(run_dir, report.build_report(data))
+    report_html.write_html(run_dir, report_html.build_html(data))
     return rows
 
 
-def _publish_best(run_dir: str, best: dict) -> None:
-    source = os.path.join(trial_dir(run_dir, int(best["number"])), "adapter")
+def _refinements(stored) -> list:
+    """The refinements list; a JSON string of one is read, anything else is shown as one entry."""
+    if isinstance(stored, str):
+        try:
+            stored = json.loads(stored)
+        except ValueError:
+            return [stored]
+    if stored is None:
+        return []
+    return list(stored) if isinstance(stored, (list, tuple)) else [stored]
+
+
+def _publish_best(run_dir: str, best: dict) -> bool:
+    """best/ := the trial's adapter, its settings.json and its metrics; False if it saved no adapter."""
+    source_dir = trial_dir(run_dir, int(best["number"]))
+    source = os.path.join(source_dir, "adapter")
     if not os.path.isdir(source):
-        return
+        return False
     target = os.path.join(run_dir, BEST_DIR)
     staging = target + ".tmp"
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(source, staging)
+    if os.path.isfile(os.path.join(source_dir, SETTINGS_FILE)):
+        shutil.copy2(os.path.join(source_dir, SETTINGS_FILE), os.path.join(staging, SETTINGS_FILE))
     with open(os.path.join(staging, "metrics.json"), "w", encoding="utf-8") as handle:
         json.dump({k: v for k, v in best.items() if v not in ("", None)}, handle, indent=2, default=str)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(staging, target)
+    return True
+
+
+def best_peft_config(run_dir: str, best: dict) -> Optional[Tuple[str, dict]]:
+    path = os.path.join(trial_dir(run_dir, int(best["number"])), "adapter", ADAPTER_CONFIG)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return ready_peft_config(json.load(handle))
+    except (OSError, ValueError):
+        return None
+
+
+def ready_peft_config(adapter_config: Dict[str, object]) -> Tuple[str, dict]:
+    """(how to build it, kwargs) from a saved adapter_config.json: what `LoraConfig(**kwargs)` (or the
+    method's config class) accepts to train the same adapter again.
+
+    Unset keys (None, {}) are left out: for the four methods their defaults are None or {} too, so the
+    config is the same and reads shorter. A peft_type outside the four keeps its `peft_type` key, for
+    `peft.get_peft_config`."""
+    peft_type = str(adapter_config.get("peft_type"))
+    known = peft_type in PEFT_CONFIG_CLASSES
+    config = {k: v for k, v in adapter_config.items()
+              if v is not None and v != {} and not (k in BOOKKEEPING_KEYS and (known or k != "peft_type"))}
+    return (f"{PEFT_CONFIG_CLASSES[peft_type]}(**config)" if known else "peft.get_peft_config(config)"), config
 
 
 def _wall_file(run_dir: str) -> str:

@@ -8,14 +8,22 @@ rebuild trials.csv and the report (also while the search runs, also after the dr
 """
 from __future__ import annotations
 
+import json
+import logging
 import math
-from typing import Any, Callable, Dict, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
 
 import optuna
-from optuna.trial import TrialState
+from optuna.distributions import BaseDistribution, CategoricalDistribution
+from optuna.trial import FrozenTrial, TrialState
 from ray.tune.search.optuna import OptunaSearch
 
 from search.results import SYSTEM_COLUMNS
+
+if TYPE_CHECKING:
+    from search.refine import Refiner
+
+log = logging.getLogger("peft_search")
 
 # The key under which the searcher passes the Optuna trial number to the trial function.
 TRIAL_NUMBER_KEY = "__optuna_trial_number"
@@ -23,10 +31,13 @@ FAIL_REASON_KEY = "fail_reason"
 ROUNDS_TOTAL_KEY = "rounds_total"
 # Figures stored on each Optuna trial besides its metrics: trials.csv's system columns and bookkeeping.
 SYSTEM_KEYS = (*SYSTEM_COLUMNS, "trainable_params", ROUNDS_TOTAL_KEY)
+# The trainer's failure diagnostics (any JSON value) and why it stopped before its planned steps.
+DIAG_PREFIX = "diag_"
+STOPPED_EARLY_KEY = "stopped_early"
 
 
 def _sampler_tpe(seed: int) -> optuna.samplers.BaseSampler:
-    # multivariate + group: rank/alpha/lr interact, and PEFT spaces are small enough for it
+    # multivariate: rank/alpha/lr interact, and PEFT spaces are small enough for it
     return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=4)
 
 
@@ -52,17 +63,130 @@ def make_sampler(algorithm: str, seed: int, grid: Optional[Dict[str, list]] = No
     return SAMPLERS[algorithm](seed)
 
 
+class RefinedSampler(optuna.samplers.BaseSampler):
+    """A sampler kept inside a refined region of the space (search/refine.py decides the region),
+    while every trial still records the space's original distributions.
+
+    Why not hand Optuna narrowed distributions (Ray's `ask(fixed_distributions=...)`)? From Optuna
+    5.0's source, checked on a study: TPESampler(multivariate=True) models jointly only the params of
+    `IntersectionSearchSpace`, which keeps a param only while every finished trial recorded the *same*
+    distribution, so after one narrowed trial finishes the param leaves the joint model (sampled
+    univariately, with a warning per trial); a narrowed CategoricalDistribution raises "does not
+    support dynamic value space" (`check_distribution_compatibility`); and fANOVA importances (the
+    report) use the same intersection and would drop every refined param. With the distributions
+    unchanged, all of these keep every earlier trial. The region is imposed here instead:
+
+    - fixed params as Optuna's PartialFixedSampler does: left out of the relative search space (TPE
+      models the rest jointly, from every earlier trial) and answered in `sample_independent`;
+    - narrowed params by rejection: the base sampler's proposal is redrawn until it lies inside the
+      region. TPE draws fresh candidates on each call, so this samples TPE's proposal conditioned on
+      the region, its model built from all trials. After MAX_REDRAWS misses (TPE's model disagrees with
+      the region, e.g. on a setting it finds irrelevant), the settings still outside are drawn uniformly
+      inside it. Each redraw reads the trials from storage (~40 ms on SQLite), hence the small cap.
+    """
+
+    MAX_REDRAWS = 16
+
+    def __init__(self, base: optuna.samplers.BaseSampler, seed: int = 0):
+        self.base = base
+        self._uniform = optuna.samplers.RandomSampler(seed=seed)
+        self.fixed: Dict[str, Any] = {}                      # Optuna name -> value
+        self.narrowed: Dict[str, BaseDistribution] = {}      # Optuna name -> the part to sample from
+
+    def set_region(self, fixed: Dict[str, Any], narrowed: Dict[str, BaseDistribution]) -> None:
+        self.fixed, self.narrowed = dict(fixed), dict(narrowed)
+
+    def inside(self, name: str, value: Any) -> bool:
+        part = self.narrowed.get(name)
+        if part is None:
+            return name not in self.fixed or self.fixed[name] == value
+        if isinstance(part, CategoricalDistribution):
+            return value in part.choices
+        return part.low <= value <= part.high
+
+    def infer_relative_search_space(self, study, trial: FrozenTrial) -> Dict[str, BaseDistribution]:
+        space = self.base.infer_relative_search_space(study, trial)
+        return {name: dist for name, dist in space.items() if name not in self.fixed}
+
+    def sample_relative(self, study, trial: FrozenTrial, search_space: Dict[str, BaseDistribution]) -> Dict[str, Any]:
+        params: Dict[str, Any] = {}
+        for _ in range(self.MAX_REDRAWS):
+            params = self.base.sample_relative(study, trial, search_space)
+            if all(self.inside(name, value) for name, value in params.items()):
+                return params
+        return {name: value if self.inside(name, value)
+                else self._uniform.sample_independent(study, trial, name, self.narrowed[name])
+                for name, value in params.items()}
+
+    def sample_independent(self, study, trial: FrozenTrial, param_name: str,
+                           param_distribution: BaseDistribution) -> Any:
+        if param_name in self.fixed:
+            return self.fixed[param_name]
+        for _ in range(self.MAX_REDRAWS):
+            value = self.base.sample_independent(study, trial, param_name, param_distribution)
+            if self.inside(param_name, value):
+                return value
+        return self._uniform.sample_independent(study, trial, param_name, self.narrowed[param_name])
+
+    def before_trial(self, study, trial: FrozenTrial) -> None:
+        self.base.before_trial(study, trial)
+
+    def after_trial(self, study, trial: FrozenTrial, state: TrialState, values) -> None:
+        self.base.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.base.reseed_rng()
+        self._uniform.reseed_rng()
+
+
 def _finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-class PeftOptunaSearch(OptunaSearch):
-    """OptunaSearch with correct PRUNED / FAIL states and results stored on the Optuna trial."""
+def _json_value(value: Any) -> bool:
+    try:
+        json.dumps(value, allow_nan=False)   # what Optuna's storage accepts as a user attribute
+        return True
+    except (TypeError, ValueError):
+        return False
 
-    def __init__(self, *args, decode: Callable[[dict], dict], **kwargs):
+
+def _stored_on_trial(key: str, value: Any) -> bool:
+    """Whether a result key is kept on the Optuna trial (so trials.csv and the report can show it)."""
+    if key.startswith(DIAG_PREFIX) or key == STOPPED_EARLY_KEY:
+        return _json_value(value)
+    if key.startswith(("eval_", "train_")) or key in SYSTEM_KEYS or key in ("round", "step", "epoch"):
+        return value is None or _finite_number(value)
+    return False
+
+
+class PeftOptunaSearch(OptunaSearch):
+    """OptunaSearch with correct PRUNED / FAIL states and results stored on the Optuna trial.
+
+    With a `refiner` (search/refine.py), the space is refined in the same study every
+    `refine_every` finished trials; the sampler is then wrapped in a RefinedSampler."""
+
+    def __init__(self, *args, decode: Callable[[dict], dict], refiner: Optional["Refiner"] = None, **kwargs):
+        if refiner is not None and not isinstance(kwargs.get("sampler"), RefinedSampler):
+            seed = kwargs.get("seed") or 0
+            kwargs["sampler"] = RefinedSampler(kwargs.get("sampler") or make_sampler("tpe", seed), seed)
         super().__init__(*args, **kwargs)
         self._decode = decode
         self._last_results: Dict[str, dict] = {}
+        self._refiner = refiner
+        if refiner is not None:
+            refiner.attach(self._ot_study)   # a resumed study continues in its last refined region
+        self._name_objectives()
+
+    def _name_objectives(self) -> None:
+        """Store the metric names with the study: optuna-dashboard then shows `eval_accuracy`, not "Objective 0"."""
+        import warnings
+
+        if getattr(self, "_ot_study", None) is None or self.metric is None:
+            return
+        with warnings.catch_warnings():   # set_metric_names is marked experimental
+            warnings.simplefilter("ignore")
+            self._ot_study.set_metric_names(self.metric if isinstance(self.metric, list) else [self.metric])
 
     def suggest(self, trial_id: str) -> Optional[Dict]:
         params = super().suggest(trial_id)
@@ -70,6 +194,8 @@ class PeftOptunaSearch(OptunaSearch):
             return None
         ot_trial = self._ot_trials[trial_id]
         ot_trial.set_user_attr("tune_trial_id", trial_id)
+        if self._refiner is not None:
+            self._refiner.mark(ot_trial)
         for name, value in self._decode(dict(ot_trial.params)).items():
             ot_trial.set_user_attr(f"param_{name}", value)
         return {**params, TRIAL_NUMBER_KEY: ot_trial.number}
@@ -86,9 +212,8 @@ class PeftOptunaSearch(OptunaSearch):
         ot_trial = self._ot_trials[trial_id]
         last = result or self._last_results.pop(trial_id, None) or {}
         for key, value in last.items():
-            if key.startswith(("eval_", "train_")) or key in SYSTEM_KEYS or key in ("round", "step", "epoch"):
-                if value is None or _finite_number(value):
-                    ot_trial.set_user_attr(key, value)
+            if _stored_on_trial(key, value):
+                ot_trial.set_user_attr(key, value)
         state, values = self._final_state(last, error)
         if state == TrialState.FAIL:
             reason = last.get(FAIL_REASON_KEY) or "the trial process failed (see the Ray trial logs)"
@@ -97,6 +222,14 @@ class PeftOptunaSearch(OptunaSearch):
             ot_trial.set_user_attr(FAIL_REASON_KEY, f"stopped by the scheduler after round {last.get('round')}")
         self._ot_study.tell(ot_trial, values if state == TrialState.COMPLETE else None, state=state)
         self._completed_trials.add(trial_id)
+        if self._refiner is not None:
+            self._refine()
+
+    def _refine(self) -> None:
+        try:
+            self._refiner.maybe_refine(self._ot_study)
+        except Exception:  # a failed analysis must not end a search that can go on in its current region
+            log.warning("refinement skipped: the sensitivity analysis failed", exc_info=True)
 
     def _final_state(self, last: dict, error: bool):
         metrics = self.metric if isinstance(self.metric, list) else [self.metric]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Any, Dict, List, Mapping, Sequence
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 from search.spec_sections import DataSection
 from spaces import targets as target_presets
@@ -73,6 +73,48 @@ def data_problems(data: DataSection, task: str) -> List[str]:
             if unseen:
                 problems.append(f"data.eval: labels not in data.train: {', '.join(unseen[:_MAX_SHOWN])}")
     return problems
+
+
+# More eval rows than this share copied from train, and the eval metrics measure memorisation: invalid.
+OVERLAP_ERROR_SHARE = 0.5
+
+
+def overlap_findings(data) -> Tuple[List[str], List[str]]:
+    """(problems, warnings) about eval rows that also appear among the train rows the trials use.
+
+    `data`: the trials' trainers.settings.DataSettings, so that a held-out split of data.train is the
+    split the trials get. Exact copies of more than half the eval rows are a problem; fewer copies, or
+    near copies (trainers/diagnostics.py), a warning. Hub datasets are skipped: validate downloads nothing.
+    """
+    from trainers.data import split_records
+    from trainers.diagnostics import NEAR_JACCARD, SHINGLE_WORDS, text_overlap
+
+    if not is_local_source(data.train) or (data.eval is not None and not is_local_source(data.eval)):
+        return [], []
+    try:
+        train_rows, eval_rows = split_records(data)
+    except DataError:
+        return [], []   # data_problems has said what is wrong with the files
+
+    def texts(rows: Sequence[Mapping[str, Any]]) -> List[str]:
+        return [row[data.text_field] for row in rows if isinstance(row.get(data.text_field), str)]
+
+    overlap = text_overlap(texts(train_rows), texts(eval_rows))
+    if not overlap.exact and not overlap.near:
+        return [], []
+    # A held-out split overlaps when data.train repeats rows: the key to fix is data.train then.
+    where, rows, train, fix = (("data.eval", "eval rows", "data.train", "remove them from data.eval") if data.eval else
+                               ("data.train", "rows held out for eval", "the rows trained on", "deduplicate data.train"))
+    near = f"near duplicates (word {SHINGLE_WORDS}-gram Jaccard >= {NEAR_JACCARD})"
+    if overlap.exact:
+        message = (f"{where}: {len(overlap.exact)} of {overlap.eval_rows} {rows} also appear in {train} "
+                   f"(the same text after casefolding and collapsing whitespace)")
+        message += f", and {len(overlap.near)} more are {near}" if overlap.near else ""
+    else:
+        message = f"{where}: {len(overlap.near)} of {overlap.eval_rows} {rows} are {near} of rows in {train}"
+    if len(overlap.exact) > OVERLAP_ERROR_SHARE * overlap.eval_rows:
+        return [f"{message}; the eval metrics would measure memorisation: {fix}"], []
+    return [], [f"warning: {message}; eval metrics on them overstate generalisation"]
 
 
 def inspect_reference(name_or_path: str, task: str):

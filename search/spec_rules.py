@@ -106,6 +106,14 @@ def cross_problems(parts: Dict[str, Any]) -> List[str]:
         if model.task == "causal-lm" and data.label_field:
             problems.append(f"data.label_field: causal-lm learns the text itself and takes no labels, "
                             f"got {data.label_field!r}")
+    if model and resources and not resources.gpus_per_worker:
+        gpu_only = {"liger_kernel": "Liger kernels" if model.liger_kernel else None,
+                    "attn_implementation": model.attn_implementation
+                    if (model.attn_implementation or "").startswith("flash_") else None}
+        for option, what in gpu_only.items():
+            if what:
+                problems.append(f"model.{option}: {what} run(s) on CUDA GPUs only; set resources.gpus_per_worker "
+                                f"(got 0) or turn {option} off")
     if model and objective:
         objective, more = complete_objective(objective, model.task)
         problems += more
@@ -126,6 +134,9 @@ def cross_problems(parts: Dict[str, Any]) -> List[str]:
     if search and parts.get("objective") and len(parts["objective"].metrics) > 1 and search.scheduler == "asha":
         problems.append(f"search.scheduler: asha stops trials on one metric; with "
                         f"{len(parts['objective'].metrics)} objectives use scheduler: none, got asha")
+    if search and parts.get("objective") and len(parts["objective"].metrics) > 1 and search.refine_every:
+        problems.append(f"search.refine_every: refinement rates settings on one objective; with "
+                        f"{len(parts['objective'].metrics)} objectives set refine_every: 0, got {search.refine_every}")
     if search and training and space is not None:
         epochs = training.epochs
         if "epochs" in space:
@@ -206,14 +217,24 @@ def resolved_peft_params(spec, values: Mapping[str, Any]) -> Dict[str, Any]:
     return params
 
 
+def plateau_monitor(objective: ObjectiveSection) -> Tuple[str, str]:
+    """(metric, mode) that plateau stopping watches: the objective's first eval_* metric, else eval_loss
+    (a system figure such as tokens_per_s says nothing about whether training still improves)."""
+    for name, mode in zip(objective.metrics, objective.modes):
+        if name.startswith("eval_"):
+            return name, mode
+    return "eval_loss", "min"
+
+
 def build_trial_settings(spec, values: Mapping[str, Any]):
     from trainers.settings import (DataSettings, EngineSettings, ModelSettings, PeftSettings, TrainingSettings,
                                    TrialSettings)
 
     training_names = [f.name for f in fields(TrainingSettings)]
     training = {name: values[name] for name in training_names if name in values}
+    training["monitor"], training["monitor_mode"] = plateau_monitor(spec.objective)
     return TrialSettings(
-        model=ModelSettings(spec.model.name_or_path, spec.model.task, spec.model.quantization, spec.model.dtype),
+        model=ModelSettings(**{f.name: getattr(spec.model, f.name) for f in fields(ModelSettings)}),
         data=DataSettings(train=spec.data.train, eval=spec.data.eval, text_field=spec.data.text_field,
                           label_field=spec.data.label_field, max_length=int(values["max_length"]),
                           eval_fraction=spec.data.eval_fraction, split_seed=spec.search.seed),

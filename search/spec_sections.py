@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 from search.spec_fields import Section, rule
 from search.storage import redact_url  # noqa: F401 (spec.py imports it from here)
 from spaces.methods import TRAINING_PARAMS
+from trainers.kernels import ATTN_IMPLEMENTATIONS
 from trainers.settings import QUANTIZATIONS, TASKS
 
 NAME_PATTERN = r"[A-Za-z0-9._-]+"
@@ -40,6 +41,12 @@ class ModelSection(Section):
     task: str = rule("sequence-classification", choices=TASKS)
     quantization: str = rule("none", choices=QUANTIZATIONS)
     dtype: str = rule("auto", choices=DTYPES)   # added: trainers.settings.ModelSettings has it
+    # added: speed options (trainers/kernels.py, measured in benchmarks/gpu_throughput.py)
+    attn_implementation: Optional[str] = rule(None, nullable=True, choices=ATTN_IMPLEMENTATIONS)
+    liger_kernel: bool = rule(False, "bool")     # Liger Triton kernels; CUDA and liger-kernel needed
+    autocast: bool = rule(False, "bool")         # forward under torch.autocast, adapter weights in fp32
+    gradient_checkpointing: Optional[bool] = rule(None, "bool", nullable=True)   # null: on for nf4/int8
+    compile: bool = rule(False, "bool")          # torch.compile each transformer block
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,11 @@ class TrainingSection(Section):
     weight_decay: float = _training_rule("weight_decay")
     max_grad_norm: float = _training_rule("max_grad_norm")   # added
     max_steps: Optional[int] = _training_rule("max_steps")   # added: cap on optimizer steps (smoke runs)
+    # added: plateau stopping. A trial stops after this many eval rounds in a row in which the objective's
+    # eval metric (eval_loss if the objective has none) did not improve by more than the min delta; it
+    # counts as finished (COMPLETE) with its last round's adapter and metrics. null: never stops early.
+    early_stopping_patience: Optional[int] = rule(None, "int", low=1, nullable=True)
+    early_stopping_min_delta: float = rule(0.0, "float", low=0)   # added: smaller gains count as no gain
 
 
 @dataclass(frozen=True)
@@ -118,6 +130,26 @@ class SearchSection(Section):
     evals_per_epoch: int = rule(1, "int", low=1)
     grace_rounds: int = rule(1, "int", low=1)       # added: rounds before ASHA may stop a trial
     reduction_factor: int = rule(3, "int", low=2)   # added: ASHA keeps 1/reduction_factor per rung
+    # added: refine the space every this many finished trials (0: off; the first time once 10 trials are
+    # complete): fix settings that do not matter, narrow those that do (search/refine.py)
+    refine_every: int = rule(0, "int", low=0)
+    # added: a LOW-rated setting is fixed only when every importance (fANOVA, PED-ANOVA; they sum to 1)
+    # is below this; higher fixes more, sooner
+    refine_min_importance: float = rule(0.1, "float", low=0, high=1)
+    # added: a narrowed range keeps at least this share of the original (log scale for log ranges);
+    # lower narrows harder and risks cutting off the optimum
+    refine_min_width: float = rule(0.25, "float", low=0, low_open=True, high=1)
+
+    def extra_problems(self) -> List[str]:
+        if not self.refine_every:
+            return []
+        if self.algorithm in ("grid", "nsga2"):
+            return [f"search.refine_every: refinement works with algorithm tpe or random (one objective), "
+                    f"not {self.algorithm}; set refine_every: 0, got {self.refine_every}"]
+        if self.refine_every >= self.trials:
+            return [f"search.refine_every: must be < search.trials ({self.trials}) or no trial would run in "
+                    f"the refined space, got {self.refine_every}"]
+        return []
 
 
 @dataclass(frozen=True)

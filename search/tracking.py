@@ -363,3 +363,36 @@ def _wandb_log_tables(run_dir, search_name, tracking, tables) -> None:
             run.finish(exit_code=1)
         except Exception:
             pass
+
+
+# --------------------------------------------------------------------------- upload later
+
+def offline_runs(run_dir: str) -> List[str]:
+    """The W&B offline run directories a search wrote (one per trial, plus the summary run)."""
+    import glob
+
+    return sorted(glob.glob(os.path.join(os.path.abspath(run_dir), "wandb", "offline-run-*")))
+
+
+def sync_command(run_dir: str, dry_run: bool = False, project: Optional[str] = None,
+                 entity: Optional[str] = None) -> List[str]:
+    """`wandb sync` over the search's offline runs. Online runs land under the spec's project and a group
+    named after the search; `project`/`entity` override where they go."""
+    import shutil
+    import sys
+
+    runs = offline_runs(run_dir)
+    if not runs:
+        raise FileNotFoundError(f"{run_dir} holds no W&B offline runs (wandb/offline-run-*); "
+                                "was the search run with tracking.wandb: disabled?")
+    executable = shutil.which("wandb", path=os.path.dirname(sys.executable)) or shutil.which("wandb")
+    if executable is None:
+        raise ImportError(f"the wandb command is not installed: {INSTALL_HINT}")
+    command = [executable, "sync", "--no-include-online"]
+    if dry_run:
+        command.append("--dry-run")
+    if project:
+        command += ["--project", project]
+    if entity:
+        command += ["--entity", entity]
+    return command + runs

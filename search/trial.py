@@ -19,6 +19,21 @@ def trial_dir(run_dir: str, number: int) -> str:
     return os.path.join(run_dir, TRIALS_SUBDIR, f"{number:04d}")
 
 
+SETTINGS_FILE = "settings.json"
+
+
+def write_settings(settings, directory: str) -> str:
+    """`directory`/settings.json: what the trial ran with, for `python -m trainers.recipe --settings`."""
+    import json
+
+    from trainers.settings_io import settings_to_dict
+
+    path = os.path.join(directory, SETTINGS_FILE)
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(settings_to_dict(settings), handle, indent=2)
+    return path
+
+
 def worker_loop(config: Dict[str, Any]) -> None:
     """Runs on every Ray Train worker: the trainer recipe with reports going to Ray Train.
 
@@ -63,6 +78,7 @@ def tune_trial(config: Dict[str, Any], spec, run_dir: str, threads_per_worker: i
     settings = replace(settings, engine=replace(settings.engine, num_threads=threads_per_worker))
     output_dir = trial_dir(run_dir, number)
     os.makedirs(output_dir, exist_ok=True)
+    write_settings(settings, output_dir)  # best/ copies it; the report's reproduce command reads it
     resources = spec.resources
     trainer = TorchTrainer(
         worker_loop,

@@ -1,6 +1,7 @@
 """`peft-search validate SPEC.yaml`: load and check a spec, its data files and its model reference.
 
-Launches nothing. The CLI prints each problem on stderr and exits 2 when there is any.
+Launches nothing. The CLI prints each problem on stderr and exits 2 when there is any; warnings
+(`warning: ...`, e.g. a few eval rows that also appear in train) go to stderr too and leave it at 0.
 """
 from __future__ import annotations
 
@@ -11,7 +12,22 @@ from search.spec import SearchSpec, SpecError, load_spec
 
 def validate_file(path: str, check_files: bool = True, check_model: bool = True) -> Tuple[Optional[SearchSpec], List[str]]:
     """(the spec, []) when `path` is valid, else (None, one line per problem naming its key path)."""
+    spec, problems, _warnings = check_file(path, check_files=check_files, check_model=check_model)
+    return spec, problems
+
+
+def check_file(path: str, check_files: bool = True,
+               check_model: bool = True) -> Tuple[Optional[SearchSpec], List[str], List[str]]:
+    """As `validate_file`, plus warnings that leave the spec valid (a few eval rows copied from train).
+
+    The overlap check reads the rows the trials would use, after the spec is known to be valid."""
+    from search.spec_checks import overlap_findings
+
     try:
-        return load_spec(path, check_files=check_files, check_model=check_model), []
+        spec = load_spec(path, check_files=check_files, check_model=check_model)
     except SpecError as exc:
-        return None, list(exc.problems)
+        return None, list(exc.problems), []
+    if not check_files:
+        return spec, [], []
+    problems, warnings = overlap_findings(spec.trial_settings({}).data)
+    return (None if problems else spec), problems, warnings

@@ -1,7 +1,8 @@
 """Task metrics from summed counts, so that ranks can add theirs up before anything is divided.
 
 classification: eval_loss (mean cross-entropy per row), eval_accuracy, eval_f1 (macro over labels);
-causal-lm: eval_loss (mean cross-entropy per predicted token), eval_perplexity = exp(eval_loss).
+causal-lm: eval_loss (mean cross-entropy per predicted token), eval_perplexity = exp(eval_loss),
+eval_accuracy (share of predicted tokens whose argmax is the next token).
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ class EvalCounts:
         counted = (targets != IGNORE_INDEX).float() * keep[:, None]
         self.loss_sum += float((losses * counted).sum())
         self.loss_items += float(counted.sum())
+        self.correct += float(((shifted_logits.argmax(dim=-1) == targets).float() * counted).sum())
 
     def _add_classification(self, logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor) -> None:
         losses = F.cross_entropy(logits, labels, reduction="none")
@@ -76,7 +78,8 @@ class EvalCounts:
         loss = self.loss_sum / self.loss_items if self.loss_items else float("nan")
         if self.task == CAUSAL_LM:
             # exp overflows past ~709; a perplexity that large means "diverged" anyway
-            return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0)) if loss == loss else loss}
+            return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0)) if loss == loss else loss,
+                    "eval_accuracy": self.correct / self.loss_items if self.loss_items else float("nan")}
         return {"eval_loss": loss, "eval_accuracy": self.correct / self.rows if self.rows else float("nan"),
                 "eval_f1": macro_f1(self.true_pos, self.false_pos, self.false_neg)}
 

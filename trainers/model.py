@@ -13,6 +13,7 @@ import torch
 
 from trainers.data import CLASSIFICATION
 from trainers.hub import resolve_model_path
+from trainers.kernels import from_pretrained_kwargs, prepare_adapter, prepare_base, wants_checkpointing
 from trainers.settings import ModelSettings, PeftSettings, QUANTIZATIONS, TASKS
 
 DTYPES = ("auto", "float32", "bfloat16")
@@ -29,6 +30,7 @@ class LoadedBase:
     quantization: str                # none | nf4 | int8
     device: torch.device
     num_labels: Optional[int] = None
+    settings: Optional[ModelSettings] = None   # what it was loaded with; its speed options reach the adapter
 
     @property
     def model_quantized(self) -> bool:
@@ -95,7 +97,7 @@ def load_base(model: ModelSettings, num_labels: Optional[int] = None,
         # anyway, so reusing EOS avoids resizing the embeddings.
         tokenizer.pad_token = tokenizer.eos_token
 
-    kwargs: dict = {"dtype": dtype}
+    kwargs: dict = {"dtype": dtype, **from_pretrained_kwargs(model)}
     if quantization is not None:
         kwargs["quantization_config"] = quantization
         # bitsandbytes quantizes while placing the weights, so the device is chosen at load time.
@@ -113,10 +115,11 @@ def load_base(model: ModelSettings, num_labels: Optional[int] = None,
         from peft import prepare_model_for_kbit_training
 
         # Casts norms to fp32 and enables input gradients + gradient checkpointing (QLoRA's recipe).
-        loaded = prepare_model_for_kbit_training(loaded, use_gradient_checkpointing=True)
+        loaded = prepare_model_for_kbit_training(loaded, use_gradient_checkpointing=wants_checkpointing(model))
+    loaded = prepare_base(loaded, model, dtype)
     return LoadedBase(model=loaded, tokenizer=tokenizer, model_type=loaded.config.model_type, task=model.task,
                       path=path, dtype=dtype, quantization=model.quantization, device=device,
-                      num_labels=num_labels if model.task == CLASSIFICATION else None)
+                      num_labels=num_labels if model.task == CLASSIFICATION else None, settings=model)
 
 
 def load_base_for_adapter(name_or_path: str, task: str, adapter_dir: str, quantization: str = "none",
@@ -152,7 +155,10 @@ def apply_adapter(base: LoadedBase, peft: PeftSettings, task: Optional[str] = No
     from trainers.adapters import build_peft_config
 
     config = build_peft_config(peft, base.model, task or base.task, tokenizer_path=base.path)
-    return get_peft_model(base.model, config)
+    peft_model = get_peft_model(base.model, config)
+    if base.settings is not None:
+        prepare_adapter(peft_model, base.settings, base.dtype, base.device)
+    return peft_model
 
 
 def release_adapter(peft_model) -> Any:

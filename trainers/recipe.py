@@ -3,6 +3,9 @@
 Every rank of a trial runs `run_trial` with the same settings. Training runs in `rounds` equal
 slices of the optimizer steps (epochs * evals_per_epoch, ASHA's unit of time); after each slice
 every rank evaluates its share of the eval set and calls `report` with the same, reduced metrics.
+A trial ends at its last round, or earlier on a plateau of the watched eval metric (`Plateau`);
+either way its last report carries `rounds_total` = its own round (a finished trial, which the
+searcher counts as COMPLETE, not pruned), the `diag_*` diagnostics, and the saved adapter's size.
 Runs without Ray: `python -m trainers.recipe --settings settings.json --out DIR`.
 """
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 import torch
 
 from trainers.data import KEEP, TrialData, batch_stream, build_data, read_trial_rows
+from trainers.diagnostics import RANK_KEYS, has_lora, overfit_gap, rank_figures
 from trainers.distributed import DistContext, all_reduce, current_context
 from trainers.engine import create_engine
 from trainers.errors import TrialFailed
@@ -61,6 +65,53 @@ class Plan:
 
 
 @dataclass
+class Plateau:
+    """Plateau stopping: the watched metric has not improved by more than `min_delta` for `patience`
+    eval rounds in a row. Fed the reduced metrics, so every rank decides the same at the same round."""
+    metric: str
+    mode: str                            # min | max
+    patience: Optional[int]              # None: never stops
+    min_delta: float = 0.0
+    best: Optional[float] = None
+    stale_rounds: int = 0                # rounds since the last improvement
+
+    @classmethod
+    def for_trial(cls, settings: TrialSettings) -> "Plateau":
+        training = settings.training
+        if training.early_stopping_patience is not None and training.early_stopping_patience < 1:
+            raise ValueError(f"training.early_stopping_patience must be >= 1 or None, "
+                             f"got {training.early_stopping_patience}")
+        if training.early_stopping_min_delta < 0:
+            raise ValueError(f"training.early_stopping_min_delta must be >= 0, got {training.early_stopping_min_delta}")
+        if training.monitor_mode not in ("min", "max"):
+            raise ValueError(f"training.monitor_mode must be min or max, got {training.monitor_mode!r}")
+        return cls(training.monitor, training.monitor_mode, training.early_stopping_patience,
+                   training.early_stopping_min_delta)
+
+    def stalled(self, metrics: Dict[str, Any]) -> bool:
+        """Take one round's metrics; True when the trial should stop here."""
+        if self.patience is None:
+            return False
+        if self.metric not in metrics:
+            raise ValueError(f"training.monitor: {self.metric!r} is not among this trial's metrics "
+                             f"({', '.join(sorted(key for key in metrics if key.startswith('eval_')))})")
+        value = float(metrics[self.metric])
+        if self.best is None:
+            gain = math.inf
+        else:
+            gain = value - self.best if self.mode == "max" else self.best - value
+        if math.isfinite(value) and gain > self.min_delta:   # a nan never counts as an improvement
+            self.best, self.stale_rounds = value, 0
+        else:
+            self.stale_rounds += 1
+        return self.stale_rounds >= self.patience
+
+    def reason(self, number: int, rounds: int) -> str:
+        return (f"plateau: {self.metric} did not improve by > {self.min_delta:g} for {self.stale_rounds} rounds "
+                f"(stopped after round {number} of {rounds})")
+
+
+@dataclass
 class Trial:
     """What the recipe's steps share: built by `setup`, torn down by `cleanup`."""
     settings: TrialSettings
@@ -86,18 +137,30 @@ def run_trial(settings: TrialSettings, report: Callable[[Dict[str, Any]], None],
 
     `base`: a base model loaded earlier with `load_base` to reuse; its adapter is removed at the end.
     Raises TrialFailed for divergence and out-of-memory.
+
+    A plateau stop ends the trial after that round as if it were the last one: the adapter saved is
+    the one of that (last) round, not of the best round, and the metrics reported are that round's.
     """
+    plateau = Plateau.for_trial(settings)
     trial = None
     try:
         with _failures_as_trial_failed(lambda: trial.phase if trial else "setup"):
             trial = setup(settings, base)
+            rounds = len(trial.plan.round_ends)
             metrics: Dict[str, Any] = {}
             for number, end_step in enumerate(trial.plan.round_ends, start=1):
                 train(trial, end_step)
                 metrics = {**progress(trial, number), **evaluate(trial), **system_figures(trial)}
-                if number == len(trial.plan.round_ends):
+                # the metrics are reduced over ranks, so every rank stops at the same round
+                stopped = plateau.stalled(metrics) and number < rounds
+                if stopped:
+                    metrics.update(rounds_total=number, stopped_early=plateau.reason(number, rounds))
+                if stopped or number == rounds:
+                    metrics.update(diagnose(trial, metrics))
                     metrics["adapter_mb"] = save(trial, output_dir, metrics)
                 report(metrics)
+                if stopped:
+                    break
             return metrics
     finally:
         if trial is not None:
@@ -187,6 +250,22 @@ def progress(trial: Trial, number: int) -> Dict[str, Any]:
         "epoch": trial.micro_batches / trial.plan.batches_per_epoch,
         "train_loss": sum(losses) / len(losses) if losses else float("nan"),
     }
+
+
+def diagnose(trial: Trial, metrics: Dict[str, Any]) -> Dict[str, float]:
+    """diag_* figures of the last round (trainers/diagnostics.py), the same keys and values on every rank.
+
+    The LoRA rank figures come from rank 0 (inside gathered_params: ZeRO-3 partitions the weights) and
+    reach the others by a sum with their zeros; whether there are any is read from the module tree,
+    which every rank shares.
+    """
+    trial.phase = "diagnostics"
+    figures = overfit_gap(metrics)
+    if has_lora(trial.peft_model):
+        with trial.engine.gathered_params():      # every rank enters: ZeRO-3 gathers collectively
+            ranks = rank_figures(trial.peft_model) if trial.ctx.is_main else dict.fromkeys(RANK_KEYS, 0.0)
+        figures.update(zip(RANK_KEYS, all_reduce([ranks[key] for key in RANK_KEYS])))
+    return figures
 
 
 def system_figures(trial: Trial) -> Dict[str, Any]:

@@ -127,3 +127,27 @@ def test_run_refuses_a_directory_that_holds_a_search(finished_run, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "search", "run", str(spec), "--runs-dir", str(run_dir.parent)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "already holds a search" in proc.stderr
+
+
+def test_diagnostics_and_the_html_report_come_through_ray(finished_run):
+    run_dir, _, _ = finished_run
+    complete = [r for r in read_rows(run_dir) if r["state"] == "COMPLETE"]
+    for row in complete:
+        assert 0.0 < float(row["diag_effective_rank_ratio"]) <= 1.0
+        assert row["diag_overfit_gap"] != ""
+    html = (run_dir / "report.html").read_text()
+    assert "<h2>Best trial</h2>" in html and "<h2>All trials</h2>" in html
+
+
+def test_the_reproduce_command_retrains_the_best_trial(finished_run, tmp_path):
+    run_dir, _, _ = finished_run
+    number = int(json.loads((run_dir / "best" / "metrics.json").read_text())["number"])
+    best = json.loads((run_dir / "trials" / f"{number:04d}" / "metrics.json").read_text())
+    proc = subprocess.run([sys.executable, "-m", "trainers.recipe", "--settings", str(run_dir / "best" / "settings.json"),
+                           "--out", str(tmp_path / "again")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    # same settings and seed; the search ran it under DeepSpeed in Ray, this runs it in one plain process
+    assert again["step"] == best["step"]
+    assert again["eval_accuracy"] == pytest.approx(float(best["eval_accuracy"]), abs=0.05)
+    assert "python -m trainers.recipe --settings" in (run_dir / "report.md").read_text()

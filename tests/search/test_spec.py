@@ -79,6 +79,11 @@ REJECTIONS = [
                                          "space": {"learning_rate": [1e-3, 1e-2]}},
      "peft.feedforward_modules: feed-forward modules must also be target modules", ""),
     ("local-model-missing", {"model.name_or_path": "./no/such/dir"}, "model.name_or_path: no such directory", ""),
+    ("liger-without-gpu", {"model.liger_kernel": True}, "model.liger_kernel: Liger kernels run(s) on CUDA GPUs only", ""),
+    ("flash-attention-without-gpu", {"model.attn_implementation": "flash_attention_2"},
+     "model.attn_implementation: flash_attention_2 run(s) on CUDA GPUs only", ""),
+    ("unknown-attention", {"model.attn_implementation": "flash"}, "model.attn_implementation: must be one of", "'flash'"),
+    ("checkpointing-not-bool", {"model.gradient_checkpointing": "on"}, "model.gradient_checkpointing: must be true or false", ""),
 ]
 
 
@@ -168,3 +173,11 @@ def test_checks_can_be_skipped(tiny_world, tmp_path):
     spec = merged(base_spec(tiny_world), {"data.train": "/nonexistent.jsonl", "model.name_or_path": "./missing"})
     loaded = load_spec(write_spec(tmp_path, spec), check_files=False, check_model=False)
     assert loaded.model_shape is None
+
+
+def test_speed_options_reach_the_trial_settings(tiny_world, tmp_path):
+    spec = load_spec(write_spec(tmp_path, merged(base_spec(tiny_world), {
+        "model.autocast": True, "model.gradient_checkpointing": False, "model.attn_implementation": "sdpa"})))
+    model = spec.trial_settings({}).model
+    assert (model.autocast, model.gradient_checkpointing, model.attn_implementation) == (True, False, "sdpa")
+    assert (model.liger_kernel, model.compile) == (False, False)

@@ -326,3 +326,26 @@ def test_offline_mode_never_exports_key(tmp_path, monkeypatch):
     monkeypatch.setattr(wandb, "init", lambda **kw: None)
     tr.start_trial(str(tmp_path), "s", 2, {}, {"wandb": "offline", "api_key": SECRET}).finish({}, "COMPLETE")
     assert "WANDB_API_KEY" not in os.environ
+
+
+def test_wandb_sync_command_lists_the_searchs_offline_runs(tmp_path):
+    import subprocess
+    import sys
+
+    tr.log_tables(str(tmp_path), "my-search", {"wandb": "offline"}, {"trials": [{"trial": 0}]})
+    tr.start_trial(str(tmp_path), "my-search", 3, {"r": 8}, {"wandb": "offline"}).finish({}, "COMPLETE")
+    assert len(tr.offline_runs(str(tmp_path))) == 2
+    proc = subprocess.run([sys.executable, "-m", "search", "wandb-sync", str(tmp_path), "--dry-run"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    said = proc.stdout + proc.stderr
+    assert "Would sync 2 run(s)" in said and tr.run_id("my-search", 3) in said
+
+
+def test_wandb_sync_without_offline_runs_exits_2(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "search", "wandb-sync", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "holds no W&B offline runs" in proc.stderr

@@ -84,3 +84,16 @@ def test_two_ranks_report_identical_metrics(tmp_path, tiny_bert, cls_data):
     # 192 train rows shared by 2 ranks at 16 rows a batch: 6 steps, each rank sees its own half
     assert [r["step"] for r in rank0[0]] == [3, 6]
     assert (tmp_path / "trial0" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_zero3_ranks_stop_together_and_report_the_same_diagnostics(tmp_path, tiny_bert, cls_data):
+    # lr 0 plateaus after round 1; the trained trial's LoRA weights are partitioned across the two ranks
+    plateau = _ds(cls_settings(tiny_bert, cls_data, "lora", epochs=3, learning_rate=0.0, early_stopping_patience=1), 3)
+    trained = _ds(cls_settings(tiny_bert, cls_data, "lora", epochs=1), 3)
+    rank0, rank1 = _run_group(tmp_path, [plateau, trained], world_size=2)
+    assert rank0 == rank1
+    stopped, full = rank0
+    assert [r["round"] for r in stopped] == [1, 2] and stopped[-1]["rounds_total"] == 2
+    assert stopped[-1]["stopped_early"].startswith("plateau: eval_loss did not improve")
+    assert stopped[-1]["diag_effective_rank"] == 0.0   # B never moved from zero
+    assert 0.0 < full[-1]["diag_effective_rank"] <= 4.0 and "diag_overfit_gap" in full[-1]

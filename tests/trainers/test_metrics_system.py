@@ -1,6 +1,6 @@
 import json
 import math
-from dataclasses import replace
+from dataclasses import fields, replace
 from types import MappingProxyType
 
 import pytest
@@ -8,7 +8,7 @@ import torch
 
 from trainers.data import IGNORE_INDEX, KEEP
 from trainers.metrics import EvalCounts, macro_f1
-from trainers.settings import DataSettings, ModelSettings, PeftSettings, TrialSettings
+from trainers.settings import DataSettings, ModelSettings, PeftSettings, TrainingSettings, TrialSettings
 from trainers.settings_io import SettingsError, settings_from_dict, settings_to_dict
 from trainers.system import TrainMeter, _Rapl, adapter_mb, energy_counter, peak_mem_mb
 
@@ -40,6 +40,10 @@ def test_lm_loss_skips_padding_and_prompt_positions():
     assert counts.loss_items == 4
     assert metrics["eval_loss"] == pytest.approx(expected.item())
     assert metrics["eval_perplexity"] == pytest.approx(math.exp(expected.item()))
+    # next-token accuracy over the same 4 predicted positions (padding and prompt positions left out)
+    predicted, targets = text_logits[:, :-1].argmax(-1), labels[:, 1:]
+    counted = targets != IGNORE_INDEX
+    assert metrics["eval_accuracy"] == pytest.approx(((predicted == targets) & counted).sum().item() / 4)
 
 
 def test_system_figures(tmp_path):
@@ -79,8 +83,8 @@ def test_settings_round_trip_and_errors(tmp_path):
         settings_from_dict({"model": {"name": "x"}, "training": {"lr": 1}})
     assert error.value.problems == [
         "data: required",
-        "model.name: unknown key; known: name_or_path, task, quantization, dtype",
+        "model.name: unknown key; known: " + ", ".join(f.name for f in fields(ModelSettings)),
         "model.name_or_path: required",
-        "training.lr: unknown key; known: learning_rate, epochs, batch_size, gradient_accumulation_steps, "
-        "warmup_ratio, weight_decay, max_grad_norm, evals_per_epoch, max_steps, seed",
+        "training.lr: unknown key; known: " + ", ".join(f.name for f in fields(TrainingSettings)),
     ]
+    assert "learning_rate, epochs" in error.value.problems[3]

@@ -213,3 +213,68 @@ def test_cli_runs_one_trial(tmp_path, tiny_bert, cls_data, capsys):
     assert recipe.main(["--settings", str(path), "--out", str(tmp_path / "bad")]) == 2
     error = capsys.readouterr().err
     assert "training.epoch: unknown key; known: learning_rate, epochs" in error and "extra: unknown section" in error
+
+
+def test_plateau_stops_the_trial_early_as_a_finished_trial(tmp_path, tiny_bert, cls_data):
+    # learning rate 0: every round evaluates the same weights, so the metric cannot improve after round 1
+    settings = cls_settings(tiny_bert, cls_data, "lora", epochs=4, learning_rate=0.0, early_stopping_patience=1,
+                            early_stopping_min_delta=0.001, monitor="eval_accuracy", monitor_mode="max")
+    reports = []
+    final = recipe.run_trial(settings, reports.append, str(tmp_path))
+    assert [r["round"] for r in reports] == [1, 2]
+    assert [r["rounds_total"] for r in reports] == [4, 2]   # the last report: a finished trial, not a pruned one
+    assert final == reports[-1]
+    assert final["stopped_early"] == ("plateau: eval_accuracy did not improve by > 0.001 for 1 rounds "
+                                      "(stopped after round 2 of 4)")
+    assert "stopped_early" not in reports[0] and "adapter_mb" not in reports[0]
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["stopped_early"] == final["stopped_early"] and saved["rounds_total"] == 2
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    # an untouched LoRA update (B is zero at init) has no rank at all
+    assert final["diag_effective_rank"] == 0.0 and final["diag_effective_rank_ratio"] == 0.0
+
+
+def test_patience_counts_rounds_without_improvement(tmp_path, tiny_bert, cls_data):
+    settings = cls_settings(tiny_bert, cls_data, "lora", epochs=4, learning_rate=0.0, early_stopping_patience=2)
+    reports = []
+    recipe.run_trial(settings, reports.append, str(tmp_path))   # watches eval_loss (min) by default
+    assert [r["round"] for r in reports] == [1, 2, 3] and reports[-1]["rounds_total"] == 3
+    assert "eval_loss did not improve by > 0 for 2 rounds (stopped after round 3 of 4)" in reports[-1]["stopped_early"]
+
+
+def test_no_plateau_stop_without_patience_or_while_improving(tmp_path, tiny_bert, cls_data):
+    flat = []
+    recipe.run_trial(cls_settings(tiny_bert, cls_data, "lora", epochs=3, learning_rate=0.0), flat.append,
+                     str(tmp_path / "flat"))
+    learning = []
+    recipe.run_trial(cls_settings(tiny_bert, cls_data, "lora", epochs=3, early_stopping_patience=1), learning.append,
+                     str(tmp_path / "learning"))
+    for reports in (flat, learning):
+        assert [r["round"] for r in reports] == [1, 2, 3] and reports[-1]["rounds_total"] == 3
+        assert not any("stopped_early" in r for r in reports)
+    assert learning[-1]["eval_loss"] < learning[1]["eval_loss"] < learning[0]["eval_loss"]
+
+
+def test_bad_plateau_settings_are_rejected_before_the_trial_starts(tmp_path, tiny_bert, cls_data):
+    with pytest.raises(ValueError, match=r"training.early_stopping_patience must be >= 1 or None, got 0"):
+        recipe.run_trial(cls_settings(tiny_bert, cls_data, early_stopping_patience=0), print, str(tmp_path))
+    with pytest.raises(ValueError, match=r"training.monitor: 'eval_perplexity' is not among this trial's metrics "
+                                         r"\(eval_accuracy, eval_f1, eval_loss\)"):
+        recipe.run_trial(cls_settings(tiny_bert, cls_data, early_stopping_patience=1, monitor="eval_perplexity"),
+                         print, str(tmp_path))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_last_round_reports_diagnostics(tmp_path, tiny_bert, cls_data, method):
+    reports = []
+    settings = cls_settings(tiny_bert, cls_data, method, epochs=2)
+    final = recipe.run_trial(settings, reports.append, str(tmp_path))
+    assert not any(key.startswith("diag_") for key in reports[0])
+    assert final["diag_overfit_gap"] == pytest.approx(final["eval_loss"] - final["train_loss"])
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert {key for key in saved if key.startswith("diag_")} == {key for key in final if key.startswith("diag_")}
+    if method == "lora":   # r = 4 on query and value of 2 layers, trained: some but at most 4 directions
+        assert 1.0 < final["diag_effective_rank"] <= 4.0
+        assert final["diag_effective_rank_ratio"] == pytest.approx(final["diag_effective_rank"] / 4)
+    else:
+        assert "diag_effective_rank" not in final and "diag_effective_rank_ratio" not in final
