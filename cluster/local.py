@@ -47,20 +47,36 @@ def connect(address: Optional[str], concurrency: int, cpus_per_trial: float) -> 
     if address:
         ray.init(address=address, runtime_env={"env_vars": _env_not_set_by_job()}, log_to_driver=True)
         return False
-    ray.init(
-        num_cpus=logical_cpus(concurrency, cpus_per_trial),
-        # The dashboard serves Ray's State API, which Ray Train's PlacementGroupCleaner needs to free
-        # the CPUs of a trial that ASHA stopped; without it those CPUs leak until no trial can start.
-        # Bound to loopback so nothing listens beyond this machine.
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        _node_ip_address="127.0.0.1",
-        runtime_env={"env_vars": WORKER_ENV},
-        configure_logging=True,
-        logging_level="WARNING",
-        log_to_driver=True,
-    )
+    # The GCS port is chosen here so that the workers can be told the address: Ray Train's
+    # PlacementGroupCleaner looks its cluster up without one, and with a second Ray on the machine (two
+    # searches, a test beside a search) it finds both, fails, and the stopped trials' CPUs leak.
+    gcs_port = _free_port()
+    os.environ["RAY_GCS_SERVER_PORT"] = str(gcs_port)
+    try:
+        ray.init(
+            num_cpus=logical_cpus(concurrency, cpus_per_trial),
+            # The dashboard serves Ray's State API, which Ray Train's PlacementGroupCleaner needs to free
+            # the CPUs of a trial that ASHA stopped; without it those CPUs leak until no trial can start.
+            # Bound to loopback so nothing listens beyond this machine.
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            _node_ip_address="127.0.0.1",
+            runtime_env={"env_vars": {**WORKER_ENV, "RAY_ADDRESS": f"127.0.0.1:{gcs_port}"}},
+            configure_logging=True,
+            logging_level="WARNING",
+            log_to_driver=True,
+        )
+    finally:
+        del os.environ["RAY_GCS_SERVER_PORT"]
     return True
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _env_not_set_by_job() -> dict:

@@ -14,3 +14,26 @@ def test_threads_share_the_cores_between_running_workers(monkeypatch):
     assert local.threads_per_worker(2, 1) == 4
     assert local.threads_per_worker(4, 2) == 1
     assert local.threads_per_worker(16, 1) == 1
+
+
+def test_workers_are_told_the_embedded_clusters_address():
+    """Ray Train's PlacementGroupCleaner finds the State API through RAY_ADDRESS in its worker; without it,
+    a second Ray on the machine makes the lookup fail and stopped trials' CPUs leak."""
+    import os
+
+    import ray
+
+    started = local.connect(None, 1, 1)
+    try:
+        assert started and "RAY_GCS_SERVER_PORT" not in os.environ and "RAY_ADDRESS" not in os.environ
+
+        @ray.remote
+        def from_a_worker():
+            from ray.util.state import list_nodes
+            return os.environ.get("RAY_ADDRESS"), len(list_nodes())
+
+        address, nodes = ray.get(from_a_worker.remote())
+        assert address.rsplit(":", 1)[1] == ray.get_runtime_context().gcs_address.rsplit(":", 1)[1]   # its port
+        assert nodes == 1
+    finally:
+        local.shutdown(started)
