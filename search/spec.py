@@ -187,6 +187,10 @@ def _resolve_paths(raw: Dict[str, Any], base_dir: str) -> None:
             if isinstance(data.get(key), str) and is_local_source(data[key]) or \
                     isinstance(data.get(key), str) and data[key].startswith((".", "~", "/")):
                 data[key] = _resolve_path(data[key], base_dir)
+    resources = raw.get("resources")   # a copy (parse_spec), so the caller's mapping stays as it was
+    deepspeed = resources.get("deepspeed") if isinstance(resources, dict) else None
+    if isinstance(deepspeed, dict) and isinstance(deepspeed.get("config"), str):
+        resources["deepspeed"] = {**deepspeed, "config": _resolve_path(deepspeed["config"], base_dir)}
     model = raw.get("model")
     if isinstance(model, dict) and isinstance(model.get("name_or_path"), str):
         from trainers.hub import MODEL_ALIASES, looks_like_local_path

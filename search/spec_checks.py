@@ -5,8 +5,9 @@ Each function returns problems (`key.path: what is wrong, got X`); none raises f
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
-from typing import Any, Dict, List, Mapping, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from search.spec_sections import DataSection
 from spaces import targets as target_presets
@@ -207,3 +208,43 @@ def _feedforward_problems(shape, targets: Any, fixed: Mapping[str, Any], space: 
             problems.append(f"{where}: feed-forward modules must also be target modules "
                             f"({', '.join(targets)}), got {', '.join(outside)}")
     return problems
+
+
+# Training values that reach the DeepSpeed config, and may be searched.
+_DEEPSPEED_TRAINING_KEYS = ("batch_size", "gradient_accumulation_steps", "max_grad_norm")
+
+
+def deepspeed_config_problems(model, training, resources, space: Mapping[str, Kind]) -> List[str]:
+    """resources.deepspeed.config: a readable JSON object that agrees with the spec, for every value a
+    searched batch size, accumulation or clipping may take (trainers/deepspeed_config.py has the rules)."""
+    from dataclasses import fields
+
+    from trainers.deepspeed_config import DeepSpeedConfigError, conflicts, generated_config, read_user_config
+    from trainers.settings import EngineSettings, TrainingSettings
+
+    deepspeed = resources.deepspeed
+    if not deepspeed.enabled or not deepspeed.config:
+        return []
+    try:
+        user = read_user_config(deepspeed.config)
+    except DeepSpeedConfigError as exc:
+        return exc.problems
+    fixed = {f.name: getattr(training, f.name) for f in fields(training)}
+    engine = EngineSettings(zero_stage=deepspeed.zero_stage, offload_optimizer=deepspeed.offload_optimizer,
+                            offload_param=deepspeed.offload_param)
+    precision = _spec_precision(model.dtype, resources.gpus_per_worker)
+    problems: List[str] = []
+    for values in itertools.product(*(_candidates(key, fixed, space) for key in _DEEPSPEED_TRAINING_KEYS)):
+        trial_training = TrainingSettings(**dict(zip(_DEEPSPEED_TRAINING_KEYS, values)))
+        generated = generated_config(trial_training, engine, precision, resources.workers_per_trial)
+        problems += [problem for problem in conflicts(user, generated) if problem not in problems]
+    return problems
+
+
+def _spec_precision(dtype: str, gpus_per_worker: float) -> Optional[str]:
+    """The precision a trial will run in, where the spec tells (None: auto on GPUs, known when it starts)."""
+    from trainers.deepspeed_config import precision_of
+
+    if dtype != "auto":
+        return precision_of(dtype)
+    return None if gpus_per_worker else "fp32"

@@ -114,6 +114,7 @@ def cross_problems(parts: Dict[str, Any]) -> List[str]:
             if what:
                 problems.append(f"model.{option}: {what} run(s) on CUDA GPUs only; set resources.gpus_per_worker "
                                 f"(got 0) or turn {option} off")
+    problems += _engine_problems(model, training, resources)
     if model and objective:
         objective, more = complete_objective(objective, model.task)
         problems += more
@@ -148,6 +149,25 @@ def cross_problems(parts: Dict[str, Any]) -> List[str]:
     return problems
 
 
+def _engine_problems(model, training, resources) -> List[str]:
+    """Known-bad combinations of quantization, optimizer and DeepSpeed, each with its reason."""
+    problems: List[str] = []
+    if not resources:
+        return problems
+    zero3 = resources.deepspeed.enabled and resources.deepspeed.zero_stage == 3
+    if model and model.quantization == "int8" and zero3:
+        problems.append("model.quantization: int8 cannot run under ZeRO-3 (bitsandbytes stores 8-bit weights as "
+                        "int8 with their scales beside them, which ZeRO-3 cannot partition); use nf4, or "
+                        "resources.deepspeed.zero_stage <= 2, got int8 with zero_stage=3")
+    if model and model.dtype == "float16" and model.autocast is False:
+        problems.append("model.autocast: float16 trains under autocast (fp32 trained weights, fp16 compute, loss "
+                        "scaling); leave it unset or true, got false")
+    if training and training.optimizer == "paged_adamw_8bit" and not resources.gpus_per_worker:
+        problems.append("training.optimizer: paged_adamw_8bit pages its state through CUDA unified memory and "
+                        "needs GPUs; set resources.gpus_per_worker or use adamw, got gpus_per_worker=0")
+    return problems
+
+
 def spec_problems(spec) -> List[str]:
     """Cross-section problems of a constructed SearchSpec (the objective gets its defaults here)."""
     problems = []
@@ -163,7 +183,7 @@ def spec_problems(spec) -> List[str]:
 
 def file_and_model_problems(parts: Mapping[str, Any], check_files: bool, check_model: bool):
     """(ModelShape or None, problems) of the data files, the storage and the model."""
-    from search.spec_checks import data_problems, inspect_reference, shape_problems
+    from search.spec_checks import data_problems, deepspeed_config_problems, inspect_reference, shape_problems
     from search.spec_params import fixed_values
 
     problems: List[str] = []
@@ -171,6 +191,8 @@ def file_and_model_problems(parts: Mapping[str, Any], check_files: bool, check_m
         problems += data_problems(parts["data"], parts["model"].task)
     if check_files and parts.get("storage"):
         problems += storage_problems(parts["storage"], check_environment=True)
+    if check_files and all(parts.get(key) is not None for key in ("model", "training", "resources", "space")):
+        problems += deepspeed_config_problems(parts["model"], parts["training"], parts["resources"], parts["space"])
     shape = None
     if check_model and parts.get("model"):
         shape, more = inspect_reference(parts["model"].name_or_path, parts["model"].task)
@@ -227,8 +249,7 @@ def plateau_monitor(objective: ObjectiveSection) -> Tuple[str, str]:
 
 
 def build_trial_settings(spec, values: Mapping[str, Any]):
-    from trainers.settings import (DataSettings, EngineSettings, ModelSettings, PeftSettings, TrainingSettings,
-                                   TrialSettings)
+    from trainers.settings import DataSettings, ModelSettings, PeftSettings, TrainingSettings, TrialSettings
 
     training_names = [f.name for f in fields(TrainingSettings)]
     training = {name: values[name] for name in training_names if name in values}
@@ -240,9 +261,20 @@ def build_trial_settings(spec, values: Mapping[str, Any]):
                           eval_fraction=spec.data.eval_fraction, split_seed=spec.search.seed),
         peft=PeftSettings(spec.peft.method, resolved_peft_params(spec, values)),
         training=TrainingSettings(**training, evals_per_epoch=spec.search.evals_per_epoch, seed=spec.search.seed),
-        engine=EngineSettings(deepspeed=spec.resources.deepspeed.enabled, zero_stage=spec.resources.deepspeed.zero_stage,
-                              num_threads=max(1, int(spec.resources.cpus_per_worker))),
+        engine=engine_settings(spec.resources),
     )
+
+
+def engine_settings(resources):
+    """EngineSettings from `resources:`; the user's DeepSpeed JSON is read here, so workers need no file."""
+    from trainers.deepspeed_config import read_user_config
+    from trainers.settings import EngineSettings
+
+    deepspeed = resources.deepspeed
+    user_config = read_user_config(deepspeed.config) if deepspeed.enabled and deepspeed.config else {}
+    return EngineSettings(deepspeed=deepspeed.enabled, zero_stage=deepspeed.zero_stage,
+                          offload_optimizer=deepspeed.offload_optimizer, offload_param=deepspeed.offload_param,
+                          user_config=user_config, num_threads=max(1, int(resources.cpus_per_worker)))
 
 
 def _section_dict(section, skip=()) -> Dict[str, Any]:

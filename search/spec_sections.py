@@ -16,13 +16,12 @@ from search.spec_fields import Section, rule
 from search.storage import redact_url  # noqa: F401 (spec.py imports it from here)
 from spaces.methods import TRAINING_PARAMS
 from trainers.kernels import ATTN_IMPLEMENTATIONS
-from trainers.settings import QUANTIZATIONS, TASKS
+from trainers.settings import DTYPES, OFFLOAD_DEVICES, OPTIMIZERS, QUANTIZATIONS, TASKS
 
 NAME_PATTERN = r"[A-Za-z0-9._-]+"
 ALGORITHMS = ("tpe", "random", "grid", "nsga2")
 SCHEDULERS = ("asha", "none")
 WANDB_MODES = ("offline", "online", "disabled")
-DTYPES = ("auto", "float32", "bfloat16")
 # Figures every trial reports besides its eval_* metrics (INTERFACE.md, trials.csv); any may be an objective.
 SYSTEM_METRICS = ("tokens_per_s", "peak_mem_mb", "adapter_mb", "train_s", "energy_j")
 # Metrics the trainer reports per task, and which way is better.
@@ -40,11 +39,13 @@ class ModelSection(Section):
     name_or_path: str = rule()
     task: str = rule("sequence-classification", choices=TASKS)
     quantization: str = rule("none", choices=QUANTIZATIONS)
-    dtype: str = rule("auto", choices=DTYPES)   # added: trainers.settings.ModelSettings has it
+    # added: auto = bf16 on GPUs that have it, fp16 on older GPUs (with loss scaling), fp32 on CPU; also the
+    # DeepSpeed precision
+    dtype: str = rule("auto", choices=DTYPES)
     # added: speed options (trainers/kernels.py, measured in benchmarks/gpu_throughput.py)
     attn_implementation: Optional[str] = rule(None, nullable=True, choices=ATTN_IMPLEMENTATIONS)
     liger_kernel: bool = rule(False, "bool")     # Liger Triton kernels; CUDA and liger-kernel needed
-    autocast: bool = rule(False, "bool")         # forward under torch.autocast, adapter weights in fp32
+    autocast: Optional[bool] = rule(None, "bool", nullable=True)   # torch.autocast forward; null: on for nf4/int8
     gradient_checkpointing: Optional[bool] = rule(None, "bool", nullable=True)   # null: on for nf4/int8
     compile: bool = rule(False, "bool")          # torch.compile each transformer block
 
@@ -82,6 +83,9 @@ class TrainingSection(Section):
     # counts as finished (COMPLETE) with its last round's adapter and metrics. null: never stops early.
     early_stopping_patience: Optional[int] = rule(None, "int", low=1, nullable=True)
     early_stopping_min_delta: float = rule(0.0, "float", low=0)   # added: smaller gains count as no gain
+    # added: adamw (torch) | paged_adamw_8bit (bitsandbytes, CUDA GPUs only: 8-bit state, a quarter of
+    # AdamW's, paged to CPU memory when the GPU runs short; QLoRA's optimizer)
+    optimizer: str = rule("adamw", choices=OPTIMIZERS)
 
 
 @dataclass(frozen=True)
@@ -156,7 +160,29 @@ class SearchSection(Section):
 class DeepSpeedSection(Section):
     PATH = "resources.deepspeed"
     enabled: bool = rule(True, "bool")              # added: `deepspeed: false` turns it off
-    zero_stage: int = rule(2, "int", low=0, high=3)  # 2: sharded optimizer state and gradients
+    zero_stage: int = rule(2, "int", low=0, high=3)  # 2: sharded optimizer state and gradients; 3: weights too
+    # added: optimizer state and step in CPU memory: a larger model fits the GPU, each step is slower
+    offload_optimizer: str = rule("none", choices=OFFLOAD_DEVICES)
+    # added: weights in CPU memory between uses (stage 3 only): larger still, slower still
+    offload_param: str = rule("none", choices=OFFLOAD_DEVICES)
+    # added: a DeepSpeed JSON file of your own, merged under the generated config (trainers/deepspeed_config.py)
+    config: Optional[str] = rule(None, nullable=True)
+
+    def extra_problems(self) -> List[str]:
+        problems = []
+        if self.offload_param != "none" and self.zero_stage != 3:
+            problems.append(f"resources.deepspeed.offload_param: parameter offload needs zero_stage 3 (the only "
+                            f"stage that partitions the weights), got zero_stage={self.zero_stage}")
+        if self.offload_optimizer != "none" and self.zero_stage == 0:
+            problems.append("resources.deepspeed.offload_optimizer: optimizer offload needs zero_stage >= 1 "
+                            "(stage 0 keeps no optimizer state of its own), got zero_stage=0")
+        if not self.enabled:
+            given = [f"{key}={getattr(self, key)}" for key in ("offload_optimizer", "offload_param", "config")
+                     if getattr(self, key) not in ("none", None)]
+            if given:
+                problems.append(f"resources.deepspeed.enabled: {', '.join(given)} need(s) DeepSpeed; set "
+                                f"enabled: true or remove them, got enabled=false")
+        return problems
 
 
 @dataclass(frozen=True)
@@ -166,6 +192,17 @@ class ResourcesSection(Section):
     gpus_per_worker: float = rule(0.0, "float", low=0)   # fractions share a GPU between trials
     cpus_per_worker: float = rule(1.0, "float", low=0, low_open=True)  # logical CPUs Ray reserves per worker
     deepspeed: DeepSpeedSection = rule(type="section", section=DeepSpeedSection)
+
+    def extra_problems(self) -> List[str]:
+        gpus = self.gpus_per_worker
+        if gpus > 1 and not gpus.is_integer():
+            return [f"resources.gpus_per_worker: must be a whole number, or a fraction below 1 to share a GPU, "
+                    f"got {gpus}"]
+        if self.workers_per_trial > 1 and not gpus.is_integer():
+            return [f"resources.gpus_per_worker: a fraction shares one GPU between workers, but each rank of a "
+                    f"multi-worker trial needs a GPU of its own (NCCL refuses two ranks on one device); use a "
+                    f"whole number or workers_per_trial: 1, got {gpus} with workers_per_trial={self.workers_per_trial}"]
+        return []
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@
     liger_kernel            Liger's Triton kernels: RMSNorm, SwiGLU, RoPE and the fused linear cross-entropy,
                             which never materialises the (tokens x vocabulary) logits in training
     autocast                forward under torch.autocast in the compute dtype, adapter weights kept in fp32
+                            (None: on for nf4/int8 in bf16/fp16, QLoRA's recipe)
     gradient_checkpointing  recompute activations in backward (None: on for nf4/int8 only, QLoRA's recipe)
     compile                 torch.compile each transformer block (regional: compiles one block's code once)
 
@@ -23,7 +24,7 @@ ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3
 # attention implementation -> (module to import, pip package)
 _ATTN_PACKAGES = {"flash_attention_2": ("flash_attn", "flash-attn"),
                   "flash_attention_3": ("flash_attn_interface", "flash-attn (hopper build)")}
-_FLAGS = ("liger_kernel", "autocast", "compile")
+_FLAGS = ("liger_kernel", "compile")
 
 
 def speed_problems(model: ModelSettings) -> List[str]:
@@ -36,9 +37,12 @@ def speed_problems(model: ModelSettings) -> List[str]:
     for name in _FLAGS:
         if not isinstance(getattr(model, name), bool):
             problems.append(f"model.{name}: must be true or false, got {getattr(model, name)!r}")
-    if model.gradient_checkpointing not in (None, True, False):
-        problems.append(f"model.gradient_checkpointing: must be true, false or unset, "
-                        f"got {model.gradient_checkpointing!r}")
+    for name in ("autocast", "gradient_checkpointing"):
+        if getattr(model, name) not in (None, True, False):
+            problems.append(f"model.{name}: must be true, false or unset, got {getattr(model, name)!r}")
+    if model.dtype == "float16" and model.autocast is False:
+        problems.append("model.autocast: float16 trains under autocast (fp32 trained weights, fp16 compute, loss "
+                        "scaling; fp16 weights would lose their updates); leave it unset or true, got false")
     return problems
 
 
@@ -63,6 +67,19 @@ def wants_checkpointing(model: ModelSettings) -> bool:
     return bool(model.gradient_checkpointing)
 
 
+def wants_autocast(model: ModelSettings, dtype: torch.dtype) -> bool:
+    """Unset: on for a quantized base computing in bf16/fp16. QLoRA trains under mixed precision (bf16
+    autocast); without it, prepare_model_for_kbit_training's fp32 upcast runs the whole forward in fp32.
+    Always on for fp16, which trains only as mixed precision (fp32 trained weights, see prepare_adapter)."""
+    if dtype == torch.float32:
+        return False
+    if dtype == torch.float16:
+        return True
+    if model.autocast is None:
+        return model.quantization != "none"
+    return bool(model.autocast)
+
+
 def prepare_base(loaded, model: ModelSettings, dtype: torch.dtype):
     """Speed options that belong to the base model; called after from_pretrained (and kbit preparation),
     before an adapter wraps it (Liger patches the modules PEFT will wrap)."""
@@ -72,7 +89,7 @@ def prepare_base(loaded, model: ModelSettings, dtype: torch.dtype):
         # prepare_model_for_kbit_training does this for quantized models. Non-reentrant checkpointing
         # needs no gradient on the (frozen) embedding output.
         loaded.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if model.autocast and model.quantization != "none" and dtype != torch.float32:
+    if wants_autocast(model, dtype) and model.quantization != "none":
         # prepare_model_for_kbit_training upcasts every unquantized weight to fp32. Under autocast the
         # frozen embeddings and output head would be cast down again at every use (the head once per
         # chunk of the fused cross-entropy) and fp32 copies cost 2x their memory; norms stay fp32.
@@ -90,7 +107,13 @@ def prepare_adapter(peft_model, model: ModelSettings, dtype: torch.dtype, device
         # Training never reads a KV cache, and building one copies every layer's keys and values and keeps
         # them alive into the next step. (Not set at load time: a merged export would save it.)
         config.use_cache = False
-    if model.autocast and dtype != torch.float32:
+    if dtype == torch.float16:
+        # fp16 has too few mantissa bits to take small updates, and loss scaling unscales only fp32
+        # gradients: the trained weights (a classification head too, not only PEFT's adapters) train in fp32.
+        for param in peft_model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+    if wants_autocast(model, dtype):
         enable_autocast(peft_model, device.type, dtype)
     if model.compile:
         compile_blocks(peft_model)

@@ -14,9 +14,7 @@ import torch
 from trainers.data import CLASSIFICATION
 from trainers.hub import resolve_model_path
 from trainers.kernels import from_pretrained_kwargs, prepare_adapter, prepare_base, wants_checkpointing
-from trainers.settings import ModelSettings, PeftSettings, QUANTIZATIONS, TASKS
-
-DTYPES = ("auto", "float32", "bfloat16")
+from trainers.settings import DTYPES, ModelSettings, PeftSettings, QUANTIZATIONS, TASKS
 
 
 @dataclass
@@ -31,6 +29,9 @@ class LoadedBase:
     device: torch.device
     num_labels: Optional[int] = None
     settings: Optional[ModelSettings] = None   # what it was loaded with; its speed options reach the adapter
+    # ZeRO-3 init: the HfDeepSpeedConfig the base was partitioned under while it loaded. transformers and
+    # PEFT treat the model as ZeRO-3 partitioned (gathering weights where they read them) while it lives.
+    zero3_scope: Any = None
 
     @property
     def model_quantized(self) -> bool:
@@ -38,25 +39,33 @@ class LoadedBase:
 
 
 def compute_dtype(requested: str, device: torch.device) -> torch.dtype:
-    """bf16 where the hardware has it (CUDA with bf16), else fp32; explicit values win."""
+    """bf16 on GPUs that have it, fp16 on older GPUs (trained with loss scaling), fp32 on CPU; explicit values win.
+
+    fp16's range is narrower than bf16's: a model pretrained in bf16 can overflow in it (set float32 then)."""
     if requested not in DTYPES:
         raise ValueError(f"model.dtype must be one of {list(DTYPES)}, got {requested!r}")
-    if requested == "float32":
-        return torch.float32
-    if requested == "bfloat16":
-        return torch.bfloat16
+    if requested != "auto":
+        return getattr(torch, requested)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     # CPU bf16 matmuls are slow and lossy on most CPUs; fp32 is the CPU default.
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
     return torch.float32
 
 
-def quantization_config(quantization: str, dtype: torch.dtype):
-    """A BitsAndBytesConfig for nf4 (QLoRA: double quantization) or int8; None for none."""
+def quantization_config(quantization: str, dtype: torch.dtype, zero3: bool = False):
+    """A BitsAndBytesConfig for nf4 (QLoRA: double quantization, compute in `dtype`) or int8; None for none.
+
+    `zero3`: ZeRO-3 partitions and gathers the weights as tensors of one float dtype, so the packed 4-bit
+    weights are stored in the compute dtype (bnb_4bit_quant_storage) instead of uint8; int8 has no such option.
+    """
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"model.quantization must be one of {list(QUANTIZATIONS)}, got {quantization!r}")
     if quantization == "none":
         return None
+    if quantization == "int8" and zero3:
+        raise ValueError("model.quantization: int8 cannot run under ZeRO-3 (bitsandbytes stores 8-bit weights "
+                         "as int8 with their scales beside them, which ZeRO-3 cannot partition); use nf4, or "
+                         "resources.deepspeed.zero_stage <= 2")
     try:
         import bitsandbytes  # noqa: F401  (transformers needs it; fail here with an install hint)
     except ImportError as exc:
@@ -66,14 +75,18 @@ def quantization_config(quantization: str, dtype: torch.dtype):
 
     if quantization == "nf4":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=dtype)
+                                  bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype if zero3 else torch.uint8)
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
 def load_base(model: ModelSettings, num_labels: Optional[int] = None,
-              device: Optional[torch.device] = None) -> LoadedBase:
+              device: Optional[torch.device] = None, zero3_config: Optional[dict] = None) -> LoadedBase:
     """Tokenizer + base model on `device` (default: this rank's device), quantized if asked.
 
+    `zero3_config`: the trial's DeepSpeed config when it trains under ZeRO-3. An unquantized base is then
+    partitioned across the ranks while it loads (ZeRO-3 init: no rank ever holds the whole model); a 4-bit
+    base is stored in the compute dtype, which ZeRO-3 needs (transformers never ZeRO-3-inits quantized
+    models: each rank loads the 4-bit base, and DeepSpeed partitions it when the engine starts).
     Classification heads a checkpoint lacks are initialised from torch's RNG: seed before calling.
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -86,8 +99,9 @@ def load_base(model: ModelSettings, num_labels: Optional[int] = None,
         raise ValueError("sequence-classification needs num_labels (the number of distinct train labels)")
     device = device or current_context().device
     dtype = compute_dtype(model.dtype, device)
-    quantization = quantization_config(model.quantization, dtype)
+    quantization = quantization_config(model.quantization, dtype, zero3=zero3_config is not None)
     path = resolve_model_path(model.name_or_path)
+    zero3_scope = _zero3_init_scope(zero3_config) if zero3_config is not None and quantization is None else None
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
@@ -119,7 +133,18 @@ def load_base(model: ModelSettings, num_labels: Optional[int] = None,
     loaded = prepare_base(loaded, model, dtype)
     return LoadedBase(model=loaded, tokenizer=tokenizer, model_type=loaded.config.model_type, task=model.task,
                       path=path, dtype=dtype, quantization=model.quantization, device=device,
-                      num_labels=num_labels if model.task == CLASSIFICATION else None, settings=model)
+                      num_labels=num_labels if model.task == CLASSIFICATION else None, settings=model,
+                      zero3_scope=zero3_scope)
+
+
+def _zero3_init_scope(zero3_config: dict):
+    """An HfDeepSpeedConfig: while it lives, from_pretrained loads under deepspeed.zero.Init (partitioned)."""
+    from trainers.engine import import_deepspeed
+
+    import_deepspeed()
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(zero3_config)
 
 
 def load_base_for_adapter(name_or_path: str, task: str, adapter_dir: str, quantization: str = "none",

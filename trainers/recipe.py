@@ -6,7 +6,9 @@ every rank evaluates its share of the eval set and calls `report` with the same,
 A trial ends at its last round, or earlier on a plateau of the watched eval metric (`Plateau`);
 either way its last report carries `rounds_total` = its own round (a finished trial, which the
 searcher counts as COMPLETE, not pruned), the `diag_*` diagnostics, and the saved adapter's size.
-Runs without Ray: `python -m trainers.recipe --settings settings.json --out DIR`.
+Every round is checkpointed before it is reported (trainers/checkpoint.py), so a trial stopped in a report
+or a crash resumes after its last finished round: `run_trial(..., resume_from=output_dir)`.
+Runs without Ray: `python -m trainers.recipe --settings settings.json --out DIR [--resume]`.
 """
 from __future__ import annotations
 
@@ -16,15 +18,18 @@ import json
 import math
 import os
 import random
+import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 
+from trainers.checkpoint import load_round, restore_rng, save_round
 from trainers.data import KEEP, TrialData, batch_stream, build_data, read_trial_rows
+from trainers.deepspeed_config import precision_of
 from trainers.diagnostics import RANK_KEYS, has_lora, overfit_gap, rank_figures
 from trainers.distributed import DistContext, all_reduce, current_context
-from trainers.engine import create_engine
+from trainers.engine import create_engine, zero3_load_config
 from trainers.errors import TrialFailed
 from trainers.metrics import EvalCounts
 from trainers.model import LoadedBase, apply_adapter, load_base, release_adapter
@@ -33,6 +38,7 @@ from trainers.system import TrainMeter, adapter_mb, count_trainable
 
 ADAPTER_SUBDIR = "adapter"
 METRICS_FILE = "metrics.json"
+DEEPSPEED_FILE = "deepspeed.json"   # the DeepSpeed config a trial ran with, for reproducing it
 # A loss this many times the first one (or 1.0 if that was smaller) counts as diverged although still
 # finite: gradient clipping keeps a far too large learning rate from reaching inf/nan, and the loss
 # explodes instead (1e9 for a classifier that started at 0.69). Healthy training never comes near it.
@@ -132,10 +138,12 @@ class Trial:
 
 
 def run_trial(settings: TrialSettings, report: Callable[[Dict[str, Any]], None], output_dir: str,
-              base: Optional[LoadedBase] = None) -> Dict[str, Any]:
+              base: Optional[LoadedBase] = None, resume_from: Optional[str] = None) -> Dict[str, Any]:
     """Train and evaluate one configuration; returns the final metrics (also written to metrics.json).
 
     `base`: a base model loaded earlier with `load_base` to reuse; its adapter is removed at the end.
+    `resume_from`: the output_dir of an earlier, interrupted run of these settings (with as many workers):
+    training continues after its last checkpointed round, and only the rounds after it are reported.
     Raises TrialFailed for divergence and out-of-memory.
 
     A plateau stop ends the trial after that round as if it were the last one: the adapter saved is
@@ -146,9 +154,18 @@ def run_trial(settings: TrialSettings, report: Callable[[Dict[str, Any]], None],
     try:
         with _failures_as_trial_failed(lambda: trial.phase if trial else "setup"):
             trial = setup(settings, base)
+            write_engine_config(trial, output_dir)
             rounds = len(trial.plan.round_ends)
             metrics: Dict[str, Any] = {}
+            done = 0
+            if resume_from is not None:
+                state = resume(trial, plateau, resume_from)
+                if state["finished"]:
+                    return state["metrics"]
+                done = state["round"]
             for number, end_step in enumerate(trial.plan.round_ends, start=1):
+                if number <= done:
+                    continue
                 train(trial, end_step)
                 metrics = {**progress(trial, number), **evaluate(trial), **system_figures(trial)}
                 # the metrics are reduced over ranks, so every rank stops at the same round
@@ -158,10 +175,17 @@ def run_trial(settings: TrialSettings, report: Callable[[Dict[str, Any]], None],
                 if stopped or number == rounds:
                     metrics.update(diagnose(trial, metrics))
                     metrics["adapter_mb"] = save(trial, output_dir, metrics)
+                checkpoint(trial, plateau, output_dir, number, metrics, finished=stopped or number == rounds)
                 report(metrics)
                 if stopped:
                     break
             return metrics
+    except BaseException as exc:
+        # An exception raised in a step (divergence, out of memory, a stop) keeps train()'s frame, with the
+        # engine and the last batch's activations, alive as long as the caller holds it: clear the finished
+        # frames so that cleanup frees that memory now.
+        traceback.clear_frames(exc.__traceback__)
+        raise
     finally:
         if trial is not None:
             cleanup(trial)
@@ -176,7 +200,8 @@ def setup(settings: TrialSettings, base: Optional[LoadedBase] = None) -> Trial:
     num_labels = len(rows.labels) if rows.labels else None
     owns_base = base is None
     if base is None:
-        base = load_base(settings.model, num_labels=num_labels, device=ctx.device)
+        base = load_base(settings.model, num_labels=num_labels, device=ctx.device,
+                         zero3_config=zero3_load_config(settings, ctx.device))
     elif base.task != settings.model.task or base.num_labels != num_labels:
         raise ValueError(f"the lent base is a {base.task} model with num_labels={base.num_labels}; this trial "
                          f"needs {settings.model.task} with num_labels={num_labels}")
@@ -192,7 +217,7 @@ def setup(settings: TrialSettings, base: Optional[LoadedBase] = None) -> Trial:
         trainable = count_trainable(peft_model)   # before DeepSpeed, which partitions parameters under ZeRO-3
         plan = Plan.for_trial(settings, len(data.train))
         engine = create_engine(peft_model, settings.training, settings.engine, plan.total_steps,
-                               bf16=base.dtype == torch.bfloat16)
+                               precision=precision_of(str(base.dtype)))
     except BaseException:
         if not owns_base:   # hand a lent base back clean even when the trial never starts
             base.model = release_adapter(peft_model)
@@ -289,18 +314,58 @@ def save(trial: Trial, output_dir: str, metrics: Dict[str, Any]) -> float:
 
 
 def cleanup(trial: Trial) -> None:
-    """Free the trial's memory; a lent base gets its adapter removed, ready for the next trial."""
+    """Free the trial's memory (engine, optimizer, adapter, data; the base if it was loaded here); a lent
+    base gets its adapter removed, ready for the next trial."""
     destroy = getattr(trial.engine.model, "destroy", None)   # DeepSpeed: hooks and buffers
     if callable(destroy):
         with contextlib.suppress(Exception):
             destroy()
-    trial.engine = None
+    trial.engine = trial.stream = trial.data = None
     if not trial.owns_base:
         trial.base.model = release_adapter(trial.peft_model)
+    else:
+        trial.base = None   # the caller may hold this Trial (through an exception) long after
     trial.peft_model = None
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def write_engine_config(trial: Trial, output_dir: str) -> None:
+    """Rank 0 writes the DeepSpeed config the engine runs with (generated and merged) as deepspeed.json."""
+    config = getattr(trial.engine, "config", None)
+    if trial.ctx.is_main and config is not None:
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, DEEPSPEED_FILE), "w", encoding="utf-8") as handle:
+            json.dump(config, handle, indent=2)
+
+
+def checkpoint(trial: Trial, plateau: Plateau, output_dir: str, number: int, metrics: Dict[str, Any],
+               finished: bool) -> None:
+    """Round `number`'s checkpoint: the engine's state and what the recipe needs to go on from here."""
+    trial.phase = f"checkpoint after round {number}"
+    save_round(trial.engine, trial.ctx, output_dir, number, {
+        "round": number, "finished": finished, "metrics": metrics,
+        "optimizer_steps": trial.engine.optimizer_steps, "micro_batches": trial.micro_batches,
+        "first_loss": trial.first_loss, "plateau_best": plateau.best, "plateau_stale_rounds": plateau.stale_rounds})
+
+
+def resume(trial: Trial, plateau: Plateau, resume_from: str) -> Dict[str, Any]:
+    """Restore the last checkpointed round under `resume_from` into a freshly set-up trial; returns its state."""
+    trial.phase = "resuming"
+    state = load_round(trial.engine, trial.ctx, resume_from)
+    trial.engine.optimizer_steps = state["optimizer_steps"]
+    trial.engine.micro_steps = trial.micro_batches = state["micro_batches"]
+    trial.first_loss = state["first_loss"]
+    plateau.best, plateau.stale_rounds = state["plateau_best"], state["plateau_stale_rounds"]
+    # The train order depends only on (seed, epoch): skipping the micro-batches already trained on puts this
+    # run on the batch the interrupted one would have read next (collating them costs no model compute).
+    # The RNG comes back after the skip: a DataLoader draws a seed from it whenever an epoch starts.
+    trial.stream = batch_stream(trial.data)
+    for _ in range(trial.micro_batches):
+        next(trial.stream)
+    restore_rng(state["directory"], trial.ctx)
+    return state
 
 
 def seed_everything(seed: int) -> None:
@@ -342,7 +407,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m trainers.recipe", description=main.__doc__)
     parser.add_argument("--settings", required=True, help="JSON file: {model, data, peft, training, engine}")
-    parser.add_argument("--out", required=True, help="output directory (adapter/, metrics.json)")
+    parser.add_argument("--out", required=True, help="output directory (adapter/, metrics.json, checkpoint/)")
+    parser.add_argument("--resume", action="store_true", help="continue after the last round checkpointed in --out")
     args = parser.parse_args(argv)
     try:
         with open(args.settings, encoding="utf-8") as handle:
@@ -359,7 +425,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(json.dumps(metrics), flush=True)
 
     try:
-        run_trial(settings, report, args.out)
+        run_trial(settings, report, args.out, resume_from=args.out if args.resume else None)
         return 0
     except TrialFailed as exc:
         print(f"TrialFailed: {exc.reason}", file=sys.stderr)

@@ -11,6 +11,9 @@ from typing import Any, Mapping, Optional
 
 TASKS = ("sequence-classification", "causal-lm")
 QUANTIZATIONS = ("none", "nf4", "int8")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+OPTIMIZERS = ("adamw", "paged_adamw_8bit")
+OFFLOAD_DEVICES = ("none", "cpu")
 PEFT_METHODS = ("lora", "prompt-tuning", "prefix-tuning", "ia3")
 
 
@@ -19,14 +22,16 @@ class ModelSettings:
     name_or_path: str                 # HF hub id, local directory, or built-in alias (`minilm`)
     task: str = "sequence-classification"
     quantization: str = "none"        # none | nf4 | int8  (QLoRA = lora + nf4)
-    dtype: str = "auto"               # auto (bf16 where the hardware has it, else fp32) | float32 | bfloat16
+    dtype: str = "auto"               # auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU |
+                                      # float32 | bfloat16 | float16 (fp16 trains with loss scaling)
     # Speed options (trainers/kernels.py); off where they change rounding or need an extra package.
     attn_implementation: Optional[str] = None  # None: transformers' choice (sdpa where the model has it) |
                                       # sdpa | eager | flash_attention_2 (needs flash-attn)
     liger_kernel: bool = False        # Liger Triton kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy):
                                       # faster, no logits tensor; needs a CUDA GPU and liger-kernel
-    autocast: bool = False            # forward under torch.autocast(compute dtype), adapter weights stay fp32:
-                                      # no fp32 copies of activations for the adapters (less memory, faster)
+    autocast: Optional[bool] = None   # forward under torch.autocast(compute dtype), adapter weights stay fp32:
+                                      # no fp32 copies of activations for the adapters (less memory, faster).
+                                      # None: on for nf4/int8 in bf16/fp16 (QLoRA's recipe), off otherwise
     gradient_checkpointing: Optional[bool] = None  # None: on for nf4/int8 (the QLoRA recipe), off otherwise;
                                       # on saves most activation memory for ~30% more compute
     compile: bool = False             # torch.compile each transformer block; the first steps compile. On an H100:
@@ -66,6 +71,8 @@ class TrainingSettings:
     max_grad_norm: float = 1.0
     evals_per_epoch: int = 1          # eval rounds per epoch; each round is one report (ASHA's time unit)
     max_steps: Optional[int] = None   # cap on optimizer steps (tests, benchmarks)
+    optimizer: str = "adamw"          # adamw (torch) | paged_adamw_8bit (bitsandbytes; CUDA only: 8-bit state
+                                      # paged to CPU memory under pressure, QLoRA's optimizer)
     seed: int = 0
     # Plateau stopping: after this many eval rounds in a row in which `monitor` did not improve by more
     # than early_stopping_min_delta, the trial ends there as a finished trial. None: never.
@@ -79,6 +86,11 @@ class TrainingSettings:
 class EngineSettings:
     deepspeed: bool = True            # under torch.distributed (Ray Train), wrap in a DeepSpeed engine
     zero_stage: int = 2               # ZeRO stage 0-3
+    offload_optimizer: str = "none"   # none | cpu: optimizer state and step in CPU memory (stage 1-3)
+    offload_param: str = "none"       # none | cpu: weights in CPU memory between uses (stage 3 only)
+    # The user's own DeepSpeed JSON (its contents, so workers on other nodes need no file), merged under
+    # the generated config; a key the settings decide must agree with them (trainers/deepspeed_config.py).
+    user_config: Mapping[str, Any] = field(default_factory=dict)
     num_threads: Optional[int] = None # torch intra-op threads; None leaves torch's default
 
 

@@ -2,7 +2,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trainers.model import apply_adapter, compute_dtype, load_base, release_adapter
+from trainers.kernels import wants_autocast
+from trainers.model import apply_adapter, compute_dtype, load_base, quantization_config, release_adapter
 from trainers.settings import ModelSettings, PeftSettings
 
 from trainers_helpers import BERT_PARAMS, LLAMA_PARAMS, METHODS
@@ -22,8 +23,29 @@ def test_dtype_choice():
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         assert compute_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16
     assert compute_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    assert compute_dtype("float16", torch.device("cpu")) == torch.float16
     with pytest.raises(ValueError, match="model.dtype must be one of"):
         compute_dtype("fp8", torch.device("cpu"))
+
+
+def test_qlora_quantization_config():
+    pytest.importorskip("bitsandbytes")
+    config = quantization_config("nf4", torch.bfloat16)
+    assert (config.bnb_4bit_quant_type, config.bnb_4bit_use_double_quant, config.bnb_4bit_compute_dtype,
+            config.bnb_4bit_quant_storage) == ("nf4", True, torch.bfloat16, torch.uint8)
+    # ZeRO-3 partitions weights of the model's float dtype: the packed 4-bit weights are stored in it
+    assert quantization_config("nf4", torch.bfloat16, zero3=True).bnb_4bit_quant_storage == torch.bfloat16
+    with pytest.raises(ValueError, match="model.quantization: int8 cannot run under ZeRO-3"):
+        quantization_config("int8", torch.bfloat16, zero3=True)
+
+
+def test_autocast_is_on_for_quantized_bases_in_half_precision():
+    nf4, plain = ModelSettings("m", quantization="nf4"), ModelSettings("m")
+    assert wants_autocast(nf4, torch.bfloat16) and wants_autocast(nf4, torch.float16)
+    assert not wants_autocast(nf4, torch.float32)           # CPU: fp32 everywhere, nothing to cast to
+    assert not wants_autocast(plain, torch.bfloat16)        # unquantized: off unless asked
+    assert wants_autocast(ModelSettings("m", autocast=True), torch.bfloat16)
+    assert not wants_autocast(ModelSettings("m", quantization="nf4", autocast=False), torch.bfloat16)
 
 
 def test_load_base_classifier(tiny_bert):

@@ -1,7 +1,9 @@
 """The recipe end to end on tiny models: learning, saved adapters, reports, seeds, failures."""
+import gc
 import json
 import math
 import os
+import weakref
 from dataclasses import replace
 
 import pytest
@@ -278,3 +280,47 @@ def test_last_round_reports_diagnostics(tmp_path, tiny_bert, cls_data, method):
         assert final["diag_effective_rank_ratio"] == pytest.approx(final["diag_effective_rank"] / 4)
     else:
         assert "diag_effective_rank" not in final and "diag_effective_rank_ratio" not in final
+
+
+class _Stopped(Exception):
+    """Stands for ASHA stopping a trial in its report."""
+
+
+def _stop(metrics):
+    raise _Stopped
+
+
+@pytest.mark.parametrize("ending", ["stopped in a report", "diverged in a step"])
+def test_an_interrupted_trial_keeps_nothing_of_its_own_alive(tmp_path, tiny_bert, cls_data, monkeypatch, ending):
+    """Engine, optimizer, adapter and an owned base are freed although the caller still holds the exception
+    (on a GPU, the memory the next trial needs: tests/trainers/test_gpu.py measures it there)."""
+    refs = {}
+    original = recipe.cleanup
+
+    def cleanup(trial):
+        refs.update(engine=weakref.ref(trial.engine), optimizer=weakref.ref(trial.engine.optimizer),
+                    adapter=weakref.ref(trial.peft_model), base=weakref.ref(trial.base.model))
+        original(trial)
+
+    monkeypatch.setattr(recipe, "cleanup", cleanup)
+    if ending == "stopped in a report":
+        settings, report, error = cls_settings(tiny_bert, cls_data, "lora", epochs=2), _stop, _Stopped
+    else:   # raised inside train(), whose frame holds the engine and the last batch's outputs
+        settings = cls_settings(tiny_bert, cls_data, "lora", learning_rate=1e9, warmup_ratio=0.0)
+        report, error = (lambda metrics: None), TrialFailed
+    with pytest.raises(error) as interrupted:
+        recipe.run_trial(settings, report, str(tmp_path))
+    gc.collect()
+    assert interrupted.value is not None
+    assert {name: ref() is None for name, ref in refs.items()} == dict.fromkeys(refs, True)
+
+
+def test_fp16_trains_as_mixed_precision(tmp_path, tiny_bert, cls_data, keep_trained_model):
+    """fp16 weights in the base, fp32 trained weights (the head too), autocast and loss scaling: it learns."""
+    settings = cls_settings(tiny_bert, cls_data, "lora", epochs=4)
+    reports = []
+    final = recipe.run_trial(replace(settings, model=replace(settings.model, dtype="float16")), reports.append,
+                             str(tmp_path))
+    assert final["eval_accuracy"] >= 0.65 and final["eval_loss"] < reports[0]["eval_loss"] - 0.05, reports
+    dtypes = {(param.requires_grad, param.dtype) for param in keep_trained_model["model"].parameters()}
+    assert dtypes == {(True, torch.float32), (False, torch.float16)}
