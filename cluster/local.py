@@ -50,7 +50,7 @@ def connect(address: Optional[str], concurrency: int, cpus_per_trial: float) -> 
     # The GCS port is chosen here so that the workers can be told the address: Ray Train's
     # PlacementGroupCleaner looks its cluster up without one, and with a second Ray on the machine (two
     # searches, a test beside a search) it finds both, fails, and the stopped trials' CPUs leak.
-    gcs_port = _free_port()
+    gcs_port = free_port()
     os.environ["RAY_GCS_SERVER_PORT"] = str(gcs_port)
     try:
         ray.init(
@@ -71,7 +71,8 @@ def connect(address: Optional[str], concurrency: int, cpus_per_trial: float) -> 
     return True
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     import socket
 
     with socket.socket() as sock:

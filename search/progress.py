@@ -3,12 +3,12 @@ tally (done / running / pruned / failed, best so far, elapsed and estimated time
 `HEARTBEAT_S` seconds while trials run, so a long trial never looks like a hang."""
 from __future__ import annotations
 
-import math
 import time
 from typing import Sequence, Union
 
 from ray.tune import Callback
 
+from search.results import is_number
 from search.searcher import FAIL_REASON_KEY, ROUNDS_TOTAL_KEY, TRIAL_NUMBER_KEY
 
 HEARTBEAT_S = 60.0
@@ -39,7 +39,7 @@ class ProgressLines(Callback):
         finished = result.get("round") is not None and result.get("round") >= result.get(ROUNDS_TOTAL_KEY, 0)
         outcome = "complete" if finished else "pruned"
         self.counts[outcome] += 1
-        if outcome == "complete" and isinstance(value, (int, float)) and math.isfinite(value):
+        if outcome == "complete" and is_number(value):
             if self.best is None or (value > self.best if self.mode == "max" else value < self.best):
                 self.best = value
         values = ", ".join(f"{name}={_fmt(result.get(name))}" for name in self.metrics)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
 
 import optuna
@@ -18,7 +17,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState
 from ray.tune.search.optuna import OptunaSearch
 
-from search.results import SYSTEM_COLUMNS
+from search.results import SYSTEM_COLUMNS, is_number
 
 if TYPE_CHECKING:
     from search.refine import Refiner
@@ -139,10 +138,6 @@ class RefinedSampler(optuna.samplers.BaseSampler):
         self._uniform.reseed_rng()
 
 
-def _finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _json_value(value: Any) -> bool:
     try:
         json.dumps(value, allow_nan=False)   # what Optuna's storage accepts as a user attribute
@@ -156,7 +151,7 @@ def _stored_on_trial(key: str, value: Any) -> bool:
     if key.startswith(DIAG_PREFIX) or key == STOPPED_EARLY_KEY:
         return _json_value(value)
     if key.startswith(("eval_", "train_")) or key in SYSTEM_KEYS or key in ("round", "step", "epoch"):
-        return value is None or _finite_number(value)
+        return value is None or is_number(value)
     return False
 
 
@@ -203,7 +198,7 @@ class PeftOptunaSearch(OptunaSearch):
     def on_trial_result(self, trial_id: str, result: Dict):
         self._last_results[trial_id] = result
         metric = result.get(self.metric) if isinstance(self.metric, str) else None
-        if _finite_number(metric):  # a failure report carries no metric
+        if is_number(metric):  # a failure report carries no metric
             super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: Optional[Dict] = None, error: bool = False):
@@ -236,7 +231,7 @@ class PeftOptunaSearch(OptunaSearch):
         values = [last.get(name) for name in metrics]
         if error or last.get(FAIL_REASON_KEY):
             return TrialState.FAIL, None
-        if not all(_finite_number(v) for v in values):
+        if not all(is_number(v) for v in values):
             return TrialState.FAIL, None
         rounds_total = last.get(ROUNDS_TOTAL_KEY)
         if rounds_total is not None and last.get("round", rounds_total) < rounds_total:

@@ -6,7 +6,6 @@ own subprocesses rather than inside the test process. The 2-worker group runs on
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 from dataclasses import replace
@@ -16,6 +15,7 @@ import pytest
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
+from cluster.local import free_port
 from trainers.recipe import run_trial
 from trainers.settings import EngineSettings, PeftSettings
 from trainers.settings_io import settings_to_dict
@@ -33,12 +33,6 @@ SAME_ROWS_TOLERANCE = 1e-4
 TOKEN_MEAN_TOLERANCE = 5e-3
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _run_group(tmp_path, jobs, world_size, cpu=True):
     """Run `jobs` (TrialSettings, or (TrialSettings, {"stop_after_round": N, "resume": K})) on `world_size`
     ranks; returns each rank's reports, a list per job."""
@@ -48,7 +42,7 @@ def _run_group(tmp_path, jobs, world_size, cpu=True):
         path = tmp_path / f"job{index}.json"
         path.write_text(json.dumps({"settings": settings_to_dict(settings), **options}))
         paths.append(str(path))
-    port = _free_port()
+    port = free_port()
     processes = []
     for rank in range(world_size):
         env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
@@ -213,7 +207,7 @@ def test_zero3_base_is_partitioned_while_it_loads_and_nf4_is_stored_in_the_compu
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps(settings_to_dict(_ds(settings, 3))))
         paths.append(str(path))
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0", "WORLD_SIZE": "1",
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1",
            "LOCAL_RANK": "0", "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", ZERO3_LOAD_PROBE, *paths], env=env, capture_output=True, text=True,
