@@ -112,7 +112,7 @@ class PlainEngine:
         self.max_grad_norm = training.max_grad_norm
         self.micro_steps = 0
         self.optimizer_steps = 0
-        self.last_grad_norm: float = float("nan")
+        self.last_grad_norm: Optional[torch.Tensor] = None
 
     def backward(self, loss: torch.Tensor) -> None:
         # Mean over the accumulated micro-batches, as DeepSpeed does.
@@ -127,7 +127,8 @@ class PlainEngine:
             self.scaler.unscale_(self.optimizer)   # clip the true gradients
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         if self.max_grad_norm and self.max_grad_norm > 0:
-            self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
+            # kept as a tensor on the device: reading it here would wait for the GPU every step
+            self.last_grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
         stepped = True
         if self.scaler:
             scale = self.scaler.get_scale()

@@ -229,27 +229,43 @@ def setup(settings: TrialSettings, base: Optional[LoadedBase] = None) -> Trial:
 
 
 def train(trial: Trial, end_step: int) -> None:
-    """Optimizer steps up to `end_step`; a diverged loss stops the trial before it reaches the weights."""
+    """Optimizer steps up to `end_step`; a diverged loss fails the trial before the round is checkpointed.
+
+    Each step's loss is read one step late, after the next step's forward and backward are queued: reading
+    it at once (`.item()`) would make the CPU wait for the GPU every step and leave the GPU idle while the
+    next kernels are launched (6-14% of a 1B model's step on an H100, benchmarks/gpu_throughput.py).
+    """
     engine, meter = trial.engine, trial.meter
     meter.start()
+    unread = None   # (step, loss tensor) not yet checked
     while engine.optimizer_steps < end_step:
         step = engine.optimizer_steps + 1
         trial.phase = f"step {step}"
         _, batch = next(trial.stream)
         outputs = engine.model(**_to_device(batch, trial.ctx.device))
-        # The loss is averaged over ranks, so all ranks see a divergence at the same step and stop
-        # together (one rank raising alone would hang the others in the next collective).
-        loss = all_reduce([outputs.loss.item()])[0] / trial.ctx.world_size
-        if trial.first_loss is None:
-            trial.first_loss = loss
-        if not math.isfinite(loss) or loss > DIVERGENCE_FACTOR * max(trial.first_loss, 1.0):
-            raise TrialFailed(f"diverged at step {step} (loss={loss:.4g})")
         engine.backward(outputs.loss)
+        if unread is not None:
+            check_loss(trial, *unread)
         engine.step()
         meter.tokens += int(batch["attention_mask"].sum())
         trial.micro_batches += 1
-        trial.round_losses.append(loss)
+        unread = (step, outputs.loss.detach())
+    if unread is not None:
+        check_loss(trial, *unread)
     meter.stop()
+
+
+def check_loss(trial: Trial, step: int, loss_tensor: torch.Tensor) -> None:
+    """Record a step's loss; a NaN/inf or a loss 100x the first fails the trial (`diverged at step k`).
+
+    The loss is averaged over ranks, so all ranks see a divergence at the same step and stop together
+    (one rank raising alone would hang the others in the next collective)."""
+    loss = all_reduce([loss_tensor.item()])[0] / trial.ctx.world_size
+    if trial.first_loss is None:
+        trial.first_loss = loss
+    if not math.isfinite(loss) or loss > DIVERGENCE_FACTOR * max(trial.first_loss, 1.0):
+        raise TrialFailed(f"diverged at step {step} (loss={loss:.4g})")
+    trial.round_losses.append(loss)
 
 
 @torch.no_grad()

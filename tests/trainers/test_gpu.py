@@ -91,11 +91,12 @@ def test_gpu_memory_returns_to_the_base_level_after_each_trial(tmp_path, tiny_ll
     assert len(reports) == 2 and torch.cuda.memory_allocated() == level
 
 
-def test_deepspeed_zero2_over_nccl(tmp_path, tiny_bert, cls_data):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_over_nccl(tmp_path, tiny_bert, cls_data, stage):
     pytest.importorskip("deepspeed")
     from test_deepspeed import _run_group
 
     settings = replace(cls_settings(tiny_bert, cls_data, "lora", epochs=2),
-                       engine=EngineSettings(deepspeed=True, zero_stage=2))
+                       engine=EngineSettings(deepspeed=True, zero_stage=stage))
     (reports,) = _run_group(tmp_path, [settings], world_size=1, cpu=False)
     assert [r["round"] for r in reports[0]] == [1, 2] and reports[0][-1]["adapter_mb"] > 0
