@@ -1,4 +1,4 @@
-"""`peft-search`: validate | run | report | export (INTERFACE.md).
+"""`peft-search`: validate | run | resume | report | export | wandb-sync (INTERFACE.md).
 
 Exit codes: 0 done; 1 runtime failure; 2 invalid input, nothing launched. Invalid input is
 reported one problem per line on stderr, each naming its key path, before Ray starts.
@@ -43,15 +43,33 @@ def cmd_run(args) -> int:
     spec, problems = _load(args.spec)
     if problems:
         return _problems_exit(problems)
+    return _run(spec, args.runs_dir, args.address, resume=args.resume)
+
+
+def cmd_resume(args) -> int:
+    from search.resume import load_run_spec
+
+    run_dir = os.path.abspath(args.run_dir)
+    spec, problems = load_run_spec(run_dir)
+    if problems:
+        return _problems_exit(problems)
+    return _run(spec, os.path.dirname(run_dir), args.address, resume=True)
+
+
+def _run(spec, runs_dir: str, address: Optional[str], resume: bool) -> int:
     from search.driver import run_search
+    from search.resume import ResumeError
     from search.rundir import RunDirError
 
     try:
-        run_dir = run_search(spec, args.runs_dir, address=args.address)
+        run_dir = run_search(spec, runs_dir, address=address, resume=resume)
     except RunDirError as exc:
         return _problems_exit([f"--runs-dir: {exc}"])
+    except ResumeError as exc:
+        return _problems_exit([str(exc)])
     except KeyboardInterrupt:
-        print("interrupted; finished trials are kept in the run directory", file=sys.stderr)
+        print(f"interrupted; finished trials are kept: continue with `peft-search resume "
+              f"{os.path.abspath(os.path.join(runs_dir, spec.name))}`", file=sys.stderr)
         return EXIT_RUNTIME
     return _print_report(run_dir)
 
@@ -112,7 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec")
     p.add_argument("--runs-dir", default="runs", help="parent of the run directory (default: ./runs)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or embedded)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the search if the run directory holds one (same space and objective)")
     p.set_defaults(func=cmd_run)
+    p = sub.add_parser("resume", help="continue an interrupted search: finished trials kept, interrupted ones "
+                                      "from their last checkpoint")
+    p.add_argument("run_dir")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or embedded)")
+    p.set_defaults(func=cmd_resume)
     p = sub.add_parser("report", help="(re)build trials.csv, best/, report.md and report.html from stored results")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)

@@ -10,9 +10,10 @@ import os
 import time
 from typing import Optional
 
-from cluster import local
+from cluster import leftovers, local
 from search import outputs
-from search.rundir import prepare_run_dir
+from search.resume import DriverLock, ResumePlan, plan, record_or_check
+from search.rundir import RunDirError, prepare_run_dir, write_run_files
 from search.progress import ProgressLines
 from search.schedulers import make_scheduler
 from search.searcher import PeftOptunaSearch, make_sampler
@@ -23,25 +24,60 @@ from search.trial import tune_trial
 log = logging.getLogger("peft_search")
 
 
-def run_search(spec, runs_dir: str, address: Optional[str] = None) -> str:
-    """Run the whole search; returns the run directory."""
+def run_search(spec, runs_dir: str, address: Optional[str] = None, resume: bool = False) -> str:
+    """Run the whole search, or with `resume` continue the one in RUNS_DIR/<name> (search/resume.py);
+    returns the run directory."""
     from search.tracking import check_available
 
     check_available(spec.tracking)  # a missing wandb fails here, not in every trial
-    run_dir = prepare_run_dir(spec, runs_dir)
-    started = time.time()
+    run_dir = prepare_run_dir(spec, runs_dir, resume)
+    with DriverLock(run_dir):
+        study = open_study(spec, run_dir, resume)   # a changed space or objective stops here, before Ray
+        write_run_files(spec, run_dir)
+        todo = plan(study, spec.search.trials)
+        if todo.finished or todo.interrupted:
+            log.info(f"resuming: {todo.finished} trials finished and kept, {len(todo.interrupted)} interrupted "
+                     f"(run again from their last checkpoint), {todo.new} new")
+        wall_before, started = (outputs.previous_wall(run_dir) or 0.0) if resume else 0.0, time.time()
+        try:
+            if todo.to_run:
+                _fit_on_ray(spec, run_dir, address, todo)
+        finally:
+            rows = outputs.refresh(run_dir, wall_s=wall_before + time.time() - started)
+            log_tables(run_dir, spec.name, spec.tracking, {"trials": rows, **_sensitivity_tables(spec, run_dir, rows)})
+    return run_dir
+
+
+def open_study(spec, run_dir: str, resume: bool):
+    """The search's Optuna study, created with its fingerprint or, on resume, loaded and checked against it."""
+    import optuna
+
+    directions = ["maximize" if mode == "max" else "minimize" for mode in spec.objective.modes]
+    study = optuna.create_study(storage=open_storage(spec.storage, run_dir), study_name=STUDY_NAME,
+                                directions=directions, load_if_exists=True)
+    if not resume and study.get_trials(deepcopy=False):
+        raise RunDirError(f"storage: already holds a study {STUDY_NAME!r} with trials; resume it or use another storage")
+    record_or_check(study, spec)
+    return study
+
+
+def _fit_on_ray(spec, run_dir: str, address: Optional[str], todo: ResumePlan) -> None:
     # A failing trial reports only its reason; Tune's strict check would turn that into a
     # driver-side error instead of a FAIL row.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     cpus_per_trial = spec.resources.workers_per_trial * spec.resources.cpus_per_worker
+    stopped = leftovers.stop_leftovers(run_dir)
+    if stopped:
+        log.info(f"stopped {stopped} processes left by the previous driver's embedded Ray")
     started_ray = local.connect(address, spec.search.concurrency, cpus_per_trial)
+    if started_ray:
+        import ray
+
+        leftovers.record(run_dir, ray.get_runtime_context().gcs_address)
     try:
-        _fit(spec, run_dir)
+        _fit(spec, run_dir, todo)
     finally:
         local.shutdown(started_ray)
-        rows = outputs.refresh(run_dir, wall_s=time.time() - started)
-        log_tables(run_dir, spec.name, spec.tracking, {"trials": rows, **_sensitivity_tables(spec, run_dir, rows)})
-    return run_dir
 
 
 def _sensitivity_tables(spec, run_dir: str, rows) -> dict:
@@ -55,7 +91,7 @@ def _sensitivity_tables(spec, run_dir: str, rows) -> dict:
     return summary_tables(rows, study, spec.objective.metrics[0], spec.objective.modes[0])
 
 
-def _fit(spec, run_dir: str) -> None:
+def _fit(spec, run_dir: str, todo: ResumePlan) -> None:
     from ray import tune
 
     from search.refine import Refiner
@@ -65,6 +101,7 @@ def _fit(spec, run_dir: str) -> None:
         metric, mode = list(metric), list(mode)
     space = spec.search_space()
     has_defaults = bool(spec.default_params())   # some published default lies inside the space
+    started = todo.finished or todo.interrupted
     searcher = PeftOptunaSearch(
         space=space, metric=metric, mode=mode,
         sampler=make_sampler(spec.search.algorithm, spec.search.seed, grid=spec.grid() if spec.search.algorithm == "grid" else None),
@@ -72,7 +109,8 @@ def _fit(spec, run_dir: str) -> None:
         decode=spec.decode,
         refiner=Refiner.from_spec(spec),   # None unless search.refine_every > 0
         # trial 0 tries the published defaults (rank 8, alpha 2r, lr 2e-4, ...) where they lie in the space
-        points_to_evaluate=[spec.default_params(complete=True)] if has_defaults else None,
+        points_to_evaluate=[spec.default_params(complete=True)] if has_defaults and not started else None,
+        resume=todo.interrupted,
     )
     scheduler = make_scheduler(spec.search.scheduler, metric, mode, spec.max_rounds, spec.search.grace_rounds,
                                spec.search.reduction_factor)
@@ -81,11 +119,20 @@ def _fit(spec, run_dir: str) -> None:
     tuner = tune.Tuner(
         # the trial function only waits on its worker group, which holds the real resources
         tune.with_resources(trainable, {"cpu": 0.01}),
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=spec.search.trials,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=todo.to_run,
                                     max_concurrent_trials=spec.search.concurrency, reuse_actors=False),
-        run_config=tune.RunConfig(name="tune", storage_path=os.path.join(run_dir, "ray"), verbose=0,
+        run_config=tune.RunConfig(name=_tune_name(run_dir), storage_path=os.path.join(run_dir, "ray"), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=0),
-                                  callbacks=[ProgressLines(metric, mode, spec.search.trials)]),
+                                  callbacks=[ProgressLines(metric, mode, todo.to_run)]),
     )
     tuner.fit()
 
+
+
+def _tune_name(run_dir: str) -> str:
+    """`tune` for the first driver, `tune-2`, `tune-3`... for the ones that resumed it."""
+    name, count = "tune", 1
+    while os.path.exists(os.path.join(run_dir, "ray", name)):
+        count += 1
+        name = f"tune-{count}"
+    return name

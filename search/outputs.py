@@ -45,7 +45,7 @@ def refresh(run_dir: str, wall_s: Optional[float] = None) -> List[dict]:
     best = best_trial(rows, objs)
     published = best is not None and _publish_best(run_dir, best)
     if wall_s is None:
-        wall_s = _previous_wall(run_dir)
+        wall_s = previous_wall(run_dir)
     else:
         _record_wall(run_dir, wall_s)
     from search.sensitivity import importances
@@ -126,7 +126,7 @@ def _record_wall(run_dir: str, wall_s: float) -> None:
         handle.write(f"{wall_s:.1f}\n")
 
 
-def _previous_wall(run_dir: str) -> Optional[float]:
+def previous_wall(run_dir: str) -> Optional[float]:
     try:
         with open(_wall_file(run_dir)) as handle:
             return float(handle.read())

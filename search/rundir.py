@@ -16,15 +16,22 @@ class RunDirError(ValueError):
     """The run directory cannot be used as asked (e.g. it already holds a search)."""
 
 
-def prepare_run_dir(spec, runs_dir: str) -> str:
+def prepare_run_dir(spec, runs_dir: str, resume: bool = False) -> str:
+    """RUNS_DIR/<name>, made if needed; one that holds a search already is only taken with `resume`."""
     run_dir = os.path.abspath(os.path.join(runs_dir, spec.name))
-    if os.path.exists(os.path.join(run_dir, SUMMARY_FILE)):
-        raise RunDirError(f"{run_dir} already holds a search; choose another `name` or --runs-dir")
+    holds_search = os.path.exists(os.path.join(run_dir, SUMMARY_FILE))
+    if holds_search and not resume:
+        raise RunDirError(f"{run_dir} already holds a search; continue it with `peft-search resume {run_dir}`, "
+                          f"or choose another `name` or --runs-dir")
     os.makedirs(run_dir, exist_ok=True)
+    return run_dir
+
+
+def write_run_files(spec, run_dir: str) -> None:
+    """spec.yaml (secrets redacted: `resume` reads it back) and search.json."""
     with open(os.path.join(run_dir, SPEC_FILE), "w", encoding="utf-8") as handle:
         yaml.safe_dump(spec.to_dict(redact=True), handle, sort_keys=False)
     write_summary(run_dir, spec)
-    return run_dir
 
 
 def write_summary(run_dir: str, spec) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence
 
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution
@@ -29,7 +29,7 @@ TRIAL_NUMBER_KEY = "__optuna_trial_number"
 FAIL_REASON_KEY = "fail_reason"
 ROUNDS_TOTAL_KEY = "rounds_total"
 # Figures stored on each Optuna trial besides its metrics: trials.csv's system columns and bookkeeping.
-SYSTEM_KEYS = (*SYSTEM_COLUMNS, "trainable_params", ROUNDS_TOTAL_KEY)
+SYSTEM_KEYS = (*SYSTEM_COLUMNS, "trainable_params", ROUNDS_TOTAL_KEY, "resumed_after_round")
 # The trainer's failure diagnostics (any JSON value) and why it stopped before its planned steps.
 DIAG_PREFIX = "diag_"
 STOPPED_EARLY_KEY = "stopped_early"
@@ -159,9 +159,12 @@ class PeftOptunaSearch(OptunaSearch):
     """OptunaSearch with correct PRUNED / FAIL states and results stored on the Optuna trial.
 
     With a `refiner` (search/refine.py), the space is refined in the same study every
-    `refine_every` finished trials; the sampler is then wrapped in a RefinedSampler."""
+    `refine_every` finished trials; the sampler is then wrapped in a RefinedSampler.
+    `resume`: numbers of the study's interrupted (RUNNING) trials; the first suggestions hand them out
+    again, same Optuna trial and parameters, before new trials are asked for (search/resume.py)."""
 
-    def __init__(self, *args, decode: Callable[[dict], dict], refiner: Optional["Refiner"] = None, **kwargs):
+    def __init__(self, *args, decode: Callable[[dict], dict], refiner: Optional["Refiner"] = None,
+                 resume: Sequence[int] = (), **kwargs):
         if refiner is not None and not isinstance(kwargs.get("sampler"), RefinedSampler):
             seed = kwargs.get("seed") or 0
             kwargs["sampler"] = RefinedSampler(kwargs.get("sampler") or make_sampler("tpe", seed), seed)
@@ -169,9 +172,14 @@ class PeftOptunaSearch(OptunaSearch):
         self._decode = decode
         self._last_results: Dict[str, dict] = {}
         self._refiner = refiner
+        self._resume = self._storage_ids(resume) if resume else []   # handed out in this order
         if refiner is not None:
             refiner.attach(self._ot_study)   # a resumed study continues in its last refined region
         self._name_objectives()
+
+    def _storage_ids(self, numbers: Sequence[int]) -> list:
+        ids = {trial.number: trial._trial_id for trial in self._ot_study.get_trials(deepcopy=False)}
+        return [ids[number] for number in numbers]
 
     def _name_objectives(self) -> None:
         """Store the metric names with the study: optuna-dashboard then shows `eval_accuracy`, not "Objective 0"."""
@@ -184,6 +192,8 @@ class PeftOptunaSearch(OptunaSearch):
             self._ot_study.set_metric_names(self.metric if isinstance(self.metric, list) else [self.metric])
 
     def suggest(self, trial_id: str) -> Optional[Dict]:
+        if trial_id not in self._ot_trials and self._resume:
+            self._ot_trials[trial_id] = optuna.trial.Trial(self._ot_study, self._resume.pop(0))
         params = super().suggest(trial_id)
         if params is None:
             return None
@@ -198,8 +208,9 @@ class PeftOptunaSearch(OptunaSearch):
     def on_trial_result(self, trial_id: str, result: Dict):
         self._last_results[trial_id] = result
         metric = result.get(self.metric) if isinstance(self.metric, str) else None
-        if is_number(metric):  # a failure report carries no metric
-            super().on_trial_result(trial_id, result)
+        if is_number(metric) and trial_id not in self._completed_trials:  # a failure report carries no metric
+            # at the trial's own round: a trial resumed after round k reports round k+1 as its first result
+            self._ot_trials[trial_id].report(metric, int(result.get("round") or result["training_iteration"]))
 
     def on_trial_complete(self, trial_id: str, result: Optional[Dict] = None, error: bool = False):
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:

@@ -134,6 +134,9 @@ class SearchSection(Section):
     evals_per_epoch: int = rule(1, "int", low=1)
     grace_rounds: int = rule(1, "int", low=1)       # added: rounds before ASHA may stop a trial
     reduction_factor: int = rule(3, "int", low=2)   # added: ASHA keeps 1/reduction_factor per rung
+    # added: times a trial is retried, from its last round's checkpoint, when a worker process dies
+    # (killed, node lost); a failure that would repeat (divergence, out of memory) is never retried
+    max_failures: int = rule(2, "int", low=0)
     # added: refine the space every this many finished trials (0: off; the first time once 10 trials are
     # complete): fix settings that do not matter, narrow those that do (search/refine.py)
     refine_every: int = rule(0, "int", low=0)

@@ -42,6 +42,7 @@ def worker_loop(config: Dict[str, Any]) -> None:
     import ray.train
 
     from search.tracking import start_trial
+    from trainers.checkpoint import has_checkpoint
     from trainers.recipe import run_trial
 
     tracker = None
@@ -55,8 +56,10 @@ def worker_loop(config: Dict[str, Any]) -> None:
         ray.train.report(metrics)
 
     state = "FAIL"
+    output_dir = config["output_dir"]
     try:
-        run_trial(config["settings"], report, config["output_dir"])
+        # a retried trial, or one whose driver died, goes on from its last finished round
+        run_trial(config["settings"], report, output_dir, resume_from=output_dir if has_checkpoint(output_dir) else None)
         state = "COMPLETE"
     finally:  # a trial that ASHA stops is killed: its W&B run stays open and `wandb sync` closes it
         if tracker is not None:
@@ -80,25 +83,41 @@ def tune_trial(config: Dict[str, Any], spec, run_dir: str, threads_per_worker: i
     os.makedirs(output_dir, exist_ok=True)
     write_settings(settings, output_dir)  # best/ copies it; the report's reproduce command reads it
     resources = spec.resources
-    trainer = TorchTrainer(
-        worker_loop,
-        train_loop_config={"settings": settings, "output_dir": output_dir, "run_dir": run_dir, "number": number,
-                           "search_name": spec.name, "params": spec.decode(params), "tracking": spec.tracking},
-        scaling_config=ScalingConfig(
-            num_workers=resources.workers_per_trial,
-            use_gpu=resources.gpus_per_worker > 0,
-            resources_per_worker={"CPU": resources.cpus_per_worker,
-                                  **({"GPU": resources.gpus_per_worker} if resources.gpus_per_worker else {})},
-        ),
-        run_config=RunConfig(name=f"trial_{number:04d}", storage_path=os.path.join(run_dir, "ray"),
-                             callbacks=[TuneReportCallback()]),
+    loop_config = {"settings": settings, "output_dir": output_dir, "run_dir": run_dir, "number": number,
+                   "search_name": spec.name, "params": spec.decode(params), "tracking": spec.tracking}
+    scaling = ScalingConfig(
+        num_workers=resources.workers_per_trial,
+        use_gpu=resources.gpus_per_worker > 0,
+        resources_per_worker={"CPU": resources.cpus_per_worker,
+                              **({"GPU": resources.gpus_per_worker} if resources.gpus_per_worker else {})},
     )
-    try:
-        trainer.fit()
-    except Exception as exc:  # the worker's exception arrives wrapped; keep its one-line reason
-        reason = failure_reason(exc)
-        tune.report({FAIL_REASON_KEY: reason})
-        raise RuntimeError(reason) from None
+    retries = spec.search.max_failures
+    for attempt in range(retries + 1):
+        # a new worker group per attempt: the one whose process died is gone
+        name = f"trial_{number:04d}" + (f"_retry{attempt}" if attempt else "")
+        trainer = TorchTrainer(worker_loop, train_loop_config=loop_config, scaling_config=scaling,
+                               run_config=RunConfig(name=name, storage_path=os.path.join(run_dir, "ray"),
+                                                    callbacks=[TuneReportCallback()]))
+        try:
+            trainer.fit()
+            return
+        except Exception as exc:  # the worker's exception arrives wrapped; keep its one-line reason
+            reason = failure_reason(exc)
+            if attempt == retries or not worker_lost(reason):
+                reason = reason if attempt == 0 else f"{reason} (after {attempt} retries)"
+                tune.report({FAIL_REASON_KEY: reason})
+                raise RuntimeError(reason) from None
+            print(f"trial {number}: {reason}; retrying from its last checkpoint ({attempt + 1}/{retries})", flush=True)
+
+
+# How Ray reports a worker process that died under a trial (killed, out of the node, node lost): worth a
+# retry. Anything else (divergence, out of memory, a bad setting) would fail the same way again.
+_WORKER_LOST = re.compile(r"ActorDiedError|RayActorError|WorkerCrashedError|NodeDiedError|ActorUnavailableError|"
+                          r"died unexpectedly|SIGKILL|SIGTERM|exit code -?9|connection (?:lost|reset)", re.IGNORECASE)
+
+
+def worker_lost(reason: str) -> bool:
+    return bool(_WORKER_LOST.search(reason)) and "OutOfMemoryError" not in reason
 
 
 _TRIAL_FAILED = re.compile(r"TrialFailed: (.+)")

@@ -56,6 +56,11 @@ def save_round(engine, ctx: DistContext, output_dir: str, number: int, state: Di
     return directory
 
 
+def has_checkpoint(output_dir: str) -> bool:
+    """Whether `output_dir` holds a finished round to resume from."""
+    return os.path.isfile(os.path.join(checkpoint_root(output_dir), LATEST_FILE))
+
+
 def load_round(engine, ctx: DistContext, resume_from: str) -> Dict[str, Any]:
     """Restore the newest round checkpointed under `resume_from` (an earlier run's output_dir)."""
     root = checkpoint_root(resume_from)

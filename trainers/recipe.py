@@ -143,7 +143,8 @@ def run_trial(settings: TrialSettings, report: Callable[[Dict[str, Any]], None],
 
     `base`: a base model loaded earlier with `load_base` to reuse; its adapter is removed at the end.
     `resume_from`: the output_dir of an earlier, interrupted run of these settings (with as many workers):
-    training continues after its last checkpointed round, and only the rounds after it are reported.
+    training continues after its last checkpointed round, and only the rounds after it are reported (or,
+    if that round was the last, its metrics once more).
     Raises TrialFailed for divergence and out-of-memory.
 
     A plateau stop ends the trial after that round as if it were the last one: the adapter saved is
@@ -160,7 +161,8 @@ def run_trial(settings: TrialSettings, report: Callable[[Dict[str, Any]], None],
             done = 0
             if resume_from is not None:
                 state = resume(trial, plateau, resume_from)
-                if state["finished"]:
+                if state["finished"]:   # it ended before whoever ran it heard the result: say it again
+                    report(state["metrics"])
                     return state["metrics"]
                 done = state["round"]
             for number, end_step in enumerate(trial.plan.round_ends, start=1):
@@ -168,6 +170,8 @@ def run_trial(settings: TrialSettings, report: Callable[[Dict[str, Any]], None],
                     continue
                 train(trial, end_step)
                 metrics = {**progress(trial, number), **evaluate(trial), **system_figures(trial)}
+                if done:
+                    metrics["resumed_after_round"] = done
                 # the metrics are reduced over ranks, so every rank stops at the same round
                 stopped = plateau.stalled(metrics) and number < rounds
                 if stopped:

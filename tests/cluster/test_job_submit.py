@@ -27,7 +27,7 @@ def ray_cli(*args, env, timeout=120):
                           timeout=timeout)
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def ray_head():
     """A head node of our own: `ray start --head --block` in its own process group."""
     if shutil.which("ray", path=BIN) is None:
@@ -88,3 +88,43 @@ def test_ray_job_submit_runs_a_search_on_the_cluster(ray_head, tmp_path):
     assert "[peft-search] trial 0 complete" in logs.stdout and "2/2 done" in logs.stdout
     status = ray_cli("job", "status", "--address", address, job_id, env=env)
     assert "succeeded" in (status.stdout + status.stderr).lower()
+
+
+def test_ray_job_stop_leaves_a_search_that_resume_finishes(ray_head, tmp_path):
+    """`ray job stop` in the middle of a search, then `peft-search resume` submitted as a new job."""
+    import optuna
+
+    address, env = ray_head
+    runs, job_id = tmp_path / "runs", f"peft-search-stop-{uuid.uuid4().hex[:8]}"
+    submit = ray_cli("job", "submit", "--no-wait", "--address", address, "--submission-id", job_id,
+                     "--working-dir", REPO, "--runtime-env", os.path.join(REPO, "cluster", "runtime_env.yaml"),
+                     "--", "peft-search", "run", "examples/smoke.yaml", "--runs-dir", str(runs), env=env)
+    assert submit.returncode == 0, submit.stderr
+    run_dir, storage = runs / "smoke", f"sqlite:///{runs / 'smoke' / 'study.sqlite3'}"
+
+    def trials():
+        try:
+            return optuna.load_study(study_name="peft-search", storage=storage).get_trials()
+        except Exception:   # not there yet
+            return []
+
+    deadline = time.time() + 600
+    while not any(t.state.is_finished() for t in trials()):   # stop it once trial 0 is done
+        assert time.time() < deadline, ray_cli("job", "logs", "--address", address, job_id, env=env).stdout[-3000:]
+        time.sleep(1)
+    stop = ray_cli("job", "stop", "--address", address, job_id, env=env, timeout=300)
+    assert stop.returncode == 0, stop.stderr
+    kept = {t.number: (t.state, t.value, t.datetime_complete) for t in trials() if t.state.is_finished()}
+    assert kept and len(kept) < 2, kept   # stopped in the middle
+
+    resume = ray_cli("job", "submit", "--address", address, "--working-dir", REPO,
+                     "--runtime-env", os.path.join(REPO, "cluster", "runtime_env.yaml"),
+                     "--", "peft-search", "resume", str(run_dir), env=env, timeout=900)
+    assert resume.returncode == 0 and "succeeded" in resume.stdout + resume.stderr, resume.stdout[-3000:]
+    finished = trials()
+    assert [t.number for t in finished] == [0, 1] and all(t.state.is_finished() for t in finished)
+    for number, before in kept.items():   # kept as it was, not rerun
+        t = finished[number]
+        assert (t.state, t.value, t.datetime_complete) == before
+    rows = (run_dir / "trials.csv").read_text().splitlines()
+    assert len(rows) == 3 and all(",COMPLETE," in row for row in rows[1:]), rows

@@ -41,3 +41,17 @@ def test_report_on_a_directory_without_a_search_exits_2(tmp_path):
 def test_export_without_a_search_exits_2(tmp_path):
     proc = run_cli("export", str(tmp_path), "--out", str(tmp_path / "out"))
     assert proc.returncode == 2 and "RUN_DIR" in proc.stderr
+
+
+def test_resume_without_a_search_exits_2(tmp_path):
+    proc = run_cli("resume", str(tmp_path))
+    assert proc.returncode == 2 and "RUN_DIR" in proc.stderr and "holds no search" in proc.stderr
+
+
+def test_run_on_a_directory_holding_a_search_is_refused_with_the_resume_command(tmp_path):
+    run_dir = tmp_path / "runs" / yaml.safe_load(open("examples/quickstart.yaml"))["name"]
+    run_dir.mkdir(parents=True)
+    (run_dir / "search.json").write_text("{}")   # what a started search leaves
+    proc = run_cli("run", "examples/quickstart.yaml", "--runs-dir", str(tmp_path / "runs"))
+    assert proc.returncode == 2 and f"peft-search resume {run_dir}" in proc.stderr, proc.stderr
+    assert sorted(p.name for p in run_dir.iterdir()) == ["search.json"]   # nothing written, nothing started

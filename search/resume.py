@@ -1,0 +1,150 @@
+"""Continuing a search after its driver stopped (killed, Ctrl-C, node lost), with the Optuna storage as the truth.
+
+The storage holds every trial the search asked for. On resume:
+- finished trials (COMPLETE, PRUNED, FAIL) are kept and never rerun;
+- trials left RUNNING were interrupted: each runs again under its own Optuna trial (same number and
+  parameters), from its last per-round checkpoint in trials/NNNN/checkpoint when there is one;
+- new trials fill the rest up to `search.trials`, asked from the same study, so the sampler sees every
+  earlier trial (TPE keeps its model; no fall-back to random start-up trials).
+A search's space and objective are recorded in the study when it starts; resuming with other ones is
+refused, since the earlier trials would then not belong to the search being continued.
+Only one driver may work in a run directory at a time (`DriverLock`).
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from dataclasses import dataclass
+from typing import Dict, List
+
+from optuna.distributions import distribution_to_json
+from optuna.trial import TrialState
+
+from search.rundir import RunDirError
+
+SPACE_ATTR, OBJECTIVE_ATTR = "space", "objective"
+LOCK_FILE = "driver.lock"
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+class ResumeError(ValueError):
+    """The search cannot be continued as asked (another space or objective, nothing to resume)."""
+
+
+def fingerprint(spec) -> Dict[str, str]:
+    """What must not change between a search's start and its resume, as study user attributes."""
+    space = {name: json.loads(distribution_to_json(dist)) for name, dist in sorted(spec.search_space().items())}
+    objective = {"metric": spec.objective.metrics, "mode": spec.objective.modes}
+    return {SPACE_ATTR: json.dumps(space, sort_keys=True), OBJECTIVE_ATTR: json.dumps(objective, sort_keys=True)}
+
+
+def record_or_check(study, spec) -> None:
+    """Record the spec's fingerprint in a new study; raise ResumeError if an existing study holds another."""
+    current = fingerprint(spec)
+    stored = {key: study.user_attrs.get(key) for key in current}
+    if all(value is None for value in stored.values()):
+        for key, value in current.items():
+            study.set_user_attr(key, value)
+        return
+    problems = []
+    if stored[SPACE_ATTR] != current[SPACE_ATTR]:
+        problems.append(f"space: differs from the space the search started with ({_space_change(stored[SPACE_ATTR], current[SPACE_ATTR])})")
+    if stored[OBJECTIVE_ATTR] != current[OBJECTIVE_ATTR]:
+        problems.append(f"objective: differs from the one the search started with "
+                        f"(was {stored[OBJECTIVE_ATTR]}, now {current[OBJECTIVE_ATTR]})")
+    if problems:
+        raise ResumeError("; ".join(problems) + "; resume needs the same space and objective: start a new search "
+                          "under another `name` instead")
+
+
+def _space_change(before: str, after: str) -> str:
+    old, new = json.loads(before), json.loads(after)
+    parts = [f"added {name}" for name in sorted(set(new) - set(old))]
+    parts += [f"removed {name}" for name in sorted(set(old) - set(new))]
+    parts += [f"{name} changed" for name in sorted(set(old) & set(new)) if old[name] != new[name]]
+    return ", ".join(parts)
+
+
+@dataclass
+class ResumePlan:
+    finished: int
+    interrupted: List[int]   # Optuna trial numbers to run again
+    new: int                 # trials still to ask for
+
+    @property
+    def to_run(self) -> int:
+        return len(self.interrupted) + self.new
+
+
+def plan(study, total: int) -> ResumePlan:
+    trials = study.get_trials(deepcopy=False)
+    finished = sum(1 for trial in trials if trial.state in FINISHED)
+    interrupted = sorted(trial.number for trial in trials if trial.state == TrialState.RUNNING)
+    return ResumePlan(finished, interrupted, max(0, total - finished - len(interrupted)))
+
+
+class DriverLock:
+    """An exclusive lock on RUN_DIR/driver.lock for as long as a driver runs the search there.
+
+    flock is released by the kernel when the process dies, SIGKILL included, so a killed driver never
+    leaves a stale lock, and a second driver (a double `resume`) cannot run the same trials twice."""
+
+    def __init__(self, run_dir: str):
+        self.path = os.path.join(run_dir, LOCK_FILE)
+        self._handle = None
+
+    def __enter__(self) -> "DriverLock":
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise RunDirError(f"{os.path.dirname(self.path)}: a search is running there now ({holder}); "
+                              f"wait for it or stop it first") from None
+        handle.truncate(0)
+        handle.write(f"pid {os.getpid()}\n")
+        handle.flush()
+        self._handle = handle
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._handle is not None:
+            fcntl.flock(self._handle, fcntl.LOCK_UN)
+            self._handle.close()
+            self._handle = None
+
+
+REDACTED = "***"
+
+
+def load_run_spec(run_dir: str):
+    """(the spec a run directory's search was started with, problems): its spec.yaml, checked again (the
+    data must still be there), with the secrets that spec.yaml does not hold taken from the environment."""
+    from dataclasses import replace
+
+    from search.rundir import SPEC_FILE, read_summary
+    from search.validate import check_file
+
+    try:
+        read_summary(run_dir)
+    except RunDirError as exc:
+        return None, [f"RUN_DIR: {exc}"]
+    spec, problems, _warnings = check_file(os.path.join(run_dir, SPEC_FILE))
+    if spec is None:
+        return None, problems
+    if spec.name != os.path.basename(run_dir):
+        # the name keys W&B run ids and the run directory: a renamed directory would fork the search
+        return None, [f"RUN_DIR: named {os.path.basename(run_dir)!r}, but its search is {spec.name!r}; "
+                      f"give the directory its name back"]
+    if REDACTED in spec.storage:
+        url = os.environ.get("PEFT_SEARCH_STORAGE")
+        if not url:
+            return None, ["storage: spec.yaml holds the database URL without its password; set PEFT_SEARCH_STORAGE "
+                          "to the full URL to resume"]
+        spec = replace(spec, storage=url)
+    if spec.tracking.api_key == REDACTED:   # the key comes from WANDB_API_KEY or `wandb login` instead
+        spec = replace(spec, tracking=replace(spec.tracking, api_key=None))
+    return spec, []
