@@ -12,26 +12,42 @@ import sys
 from typing import List, Optional
 
 EXIT_OK, EXIT_RUNTIME, EXIT_INVALID = 0, 1, 2
+# A problem line is read in a terminal: a value echoed from a 10 MB line of input is cut in its middle.
+MAX_LINE = 1000
+
+
+def _one_line(message: str) -> str:
+    """`message` as one line of at most MAX_LINE characters, its start (the key path) and end kept."""
+    line = " ".join(message.splitlines())
+    if len(line) <= MAX_LINE:
+        return line
+    half = MAX_LINE // 2
+    return f"{line[:half]} [... {len(line) - 2 * half} characters ...] {line[-half:]}"
 
 
 def _problems_exit(problems: List[str]) -> int:
     for problem in problems:
-        print(problem, file=sys.stderr)
+        print(_one_line(problem), file=sys.stderr)
     return EXIT_INVALID
 
 
-def _load(path: str):
-    """(spec, problems) of the spec at `path`; its warnings (valid, but worth a look) go to stderr."""
+def _cluster_address(args) -> Optional[str]:
+    """--address, else RAY_ADDRESS: the cluster `run` joins (None: embedded Ray, as cluster.local.connect)."""
+    return args.address or os.environ.get("RAY_ADDRESS") or None
+
+
+def _load(args):
+    """(spec, problems) of the spec args.spec names; its warnings (valid, but worth a look) go to stderr."""
     from search.validate import check_file
 
-    spec, problems, warnings = check_file(path)
+    spec, problems, warnings = check_file(args.spec, embedded=_cluster_address(args) is None)
     for warning in warnings:
-        print(warning, file=sys.stderr)
+        print(_one_line(warning), file=sys.stderr)
     return spec, problems
 
 
 def cmd_validate(args) -> int:
-    spec, problems = _load(args.spec)
+    spec, problems = _load(args)
     if problems:
         return _problems_exit(problems)
     print(f"{args.spec}: valid ({spec.peft.method} on {spec.model.name_or_path}, {len(spec.search_space())} "
@@ -40,7 +56,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_run(args) -> int:
-    spec, problems = _load(args.spec)
+    spec, problems = _load(args)
     if problems:
         return _problems_exit(problems)
     return _run(spec, args.runs_dir, args.address, resume=args.resume)
@@ -50,7 +66,7 @@ def cmd_resume(args) -> int:
     from search.resume import load_run_spec
 
     run_dir = os.path.abspath(args.run_dir)
-    spec, problems = load_run_spec(run_dir)
+    spec, problems = load_run_spec(run_dir, embedded=_cluster_address(args) is None)
     if problems:
         return _problems_exit(problems)
     return _run(spec, os.path.dirname(run_dir), args.address, resume=True)
@@ -60,6 +76,7 @@ def _run(spec, runs_dir: str, address: Optional[str], resume: bool) -> int:
     from search.driver import run_search
     from search.resume import ResumeError
     from search.rundir import RunDirError
+    from search.spec import SpecError
 
     try:
         run_dir = run_search(spec, runs_dir, address=address, resume=resume)
@@ -67,6 +84,8 @@ def _run(spec, runs_dir: str, address: Optional[str], resume: bool) -> int:
         return _problems_exit([f"--runs-dir: {exc}"])
     except ResumeError as exc:
         return _problems_exit([str(exc)])
+    except SpecError as exc:   # data that only the run reads (an HF dataset id), before anything started
+        return _problems_exit(exc.problems)
     except KeyboardInterrupt:
         print(f"interrupted; finished trials are kept: continue with `peft-search resume "
               f"{os.path.abspath(os.path.join(runs_dir, spec.name))}`", file=sys.stderr)
@@ -125,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("validate", help="check a spec, its model and data; launches nothing")
     p.add_argument("spec")
+    p.add_argument("--address", default=None, help="check for a run on this Ray cluster (default: RAY_ADDRESS, "
+                   "or embedded: the GPUs asked for must then be on this machine)")
     p.set_defaults(func=cmd_validate)
     p = sub.add_parser("run", help="run the search (embedded local Ray unless --address / RAY_ADDRESS)")
     p.add_argument("spec")

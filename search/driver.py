@@ -30,10 +30,10 @@ def run_search(spec, runs_dir: str, address: Optional[str] = None, resume: bool 
     from search.tracking import check_available
 
     check_available(spec.tracking)  # a missing wandb fails here, not in every trial
-    run_dir = prepare_run_dir(spec, runs_dir, resume)
+    run_dir, summary = prepare_run_dir(spec, runs_dir, resume)
     with DriverLock(run_dir):
         study = open_study(spec, run_dir, resume)   # a changed space or objective stops here, before Ray
-        write_run_files(spec, run_dir)
+        write_run_files(spec, run_dir, summary)
         todo = plan(study, spec.search.trials)
         if todo.finished or todo.interrupted:
             log.info(f"resuming: {todo.finished} trials finished and kept, {len(todo.interrupted)} interrupted "

@@ -120,9 +120,10 @@ class DriverLock:
 REDACTED = "***"
 
 
-def load_run_spec(run_dir: str):
+def load_run_spec(run_dir: str, embedded: bool = True):
     """(the spec a run directory's search was started with, problems): its spec.yaml, checked again (the
-    data must still be there), with the secrets that spec.yaml does not hold taken from the environment."""
+    data must still be there; GPUs on this machine if `embedded`), with the secrets that spec.yaml does not
+    hold taken from the environment."""
     from dataclasses import replace
 
     from search.rundir import SPEC_FILE, read_summary
@@ -132,7 +133,7 @@ def load_run_spec(run_dir: str):
         read_summary(run_dir)
     except RunDirError as exc:
         return None, [f"RUN_DIR: {exc}"]
-    spec, problems, _warnings = check_file(os.path.join(run_dir, SPEC_FILE))
+    spec, problems, _warnings = check_file(os.path.join(run_dir, SPEC_FILE), embedded=embedded)
     if spec is None:
         return None, problems
     if spec.name != os.path.basename(run_dir):

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Optional, Tuple
 
 import yaml
 
+from search.spec_fields import SpecError
 from search.storage import redact_url
+from trainers.records import DataError
 
 SPEC_FILE = "spec.yaml"
 SUMMARY_FILE = "search.json"
@@ -16,35 +19,49 @@ class RunDirError(ValueError):
     """The run directory cannot be used as asked (e.g. it already holds a search)."""
 
 
-def prepare_run_dir(spec, runs_dir: str, resume: bool = False) -> str:
-    """RUNS_DIR/<name>, made if needed; one that holds a search already is only taken with `resume`."""
+def prepare_run_dir(spec, runs_dir: str, resume: bool = False) -> Tuple[str, dict]:
+    """(RUNS_DIR/<name>, made if needed, search.json's content); a directory that holds a search already is
+    only taken with `resume`. Nothing is written in it yet."""
     run_dir = os.path.abspath(os.path.join(runs_dir, spec.name))
     holds_search = os.path.exists(os.path.join(run_dir, SUMMARY_FILE))
     if holds_search and not resume:
         raise RunDirError(f"{run_dir} already holds a search; continue it with `peft-search resume {run_dir}`, "
                           f"or choose another `name` or --runs-dir")
-    os.makedirs(run_dir, exist_ok=True)
-    return run_dir
+    # Read first: the baseline reads the data (an HF dataset id downloads here, and may fail), and a
+    # failure must leave no run directory behind.
+    try:
+        summary = run_summary(spec)
+    except DataError as exc:   # validate reads local files only; here a hub dataset may be missing too
+        raise SpecError([f"data: {exc}"]) from exc
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as exc:   # a file where a directory should be, no permission: the user's to fix, no crash
+        raise RunDirError(f"cannot create the run directory {run_dir}: {exc.strerror or exc}") from exc
+    return run_dir, summary
 
 
-def write_run_files(spec, run_dir: str) -> None:
+def write_run_files(spec, run_dir: str, summary: dict) -> None:
     """spec.yaml (secrets redacted: `resume` reads it back) and search.json."""
     with open(os.path.join(run_dir, SPEC_FILE), "w", encoding="utf-8") as handle:
         yaml.safe_dump(spec.to_dict(redact=True), handle, sort_keys=False)
-    write_summary(run_dir, spec)
+    write_summary(run_dir, spec, summary)
 
 
-def write_summary(run_dir: str, spec) -> None:
+def write_summary(run_dir: str, spec, summary: Optional[dict] = None) -> None:
     """What `report` needs without re-validating the spec (whose data may have moved)."""
-    summary = {
+    with open(os.path.join(run_dir, SUMMARY_FILE), "w", encoding="utf-8") as handle:
+        json.dump(summary or run_summary(spec), handle, indent=2)
+
+
+def run_summary(spec) -> dict:
+    """search.json's content; reads the data for the majority-class baseline."""
+    return {
         "name": spec.name, "model": spec.model.name_or_path, "task": spec.model.task, "method": spec.peft.method,
         "metric": spec.objective.metric, "mode": spec.objective.mode, "algorithm": spec.search.algorithm,
         # the password of a database URL is never written; PEFT_SEARCH_STORAGE supplies the full URL later
         "scheduler": spec.search.scheduler, "trials": spec.search.trials, "storage": redact_url(spec.storage),
         "baseline": majority_baseline(spec),
     }
-    with open(os.path.join(run_dir, SUMMARY_FILE), "w", encoding="utf-8") as handle:
-        json.dump(summary, handle, indent=2)
 
 
 def read_summary(run_dir: str) -> dict:

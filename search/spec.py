@@ -152,20 +152,9 @@ def load_spec(path: str, check_files: bool = True, check_model: bool = True) -> 
     the spec (target modules exist, rank <= layer sizes, virtual tokens fit the positions).
     Relative paths (data files, model directory) are read from the spec file's directory.
     """
-    import yaml
+    from search.spec_yaml import read_spec_yaml
 
-    try:
-        with open(path, encoding="utf-8") as handle:
-            raw = yaml.safe_load(handle)
-    except FileNotFoundError:
-        raise SpecError([f"{path}: no such spec file"]) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError([f"{path}: cannot read the spec file ({exc})"]) from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise SpecError([f"{path}: not valid YAML{where}: {reason}"]) from None
+    raw = read_spec_yaml(path)   # safe constructors; duplicate keys and alias bombs refused
     return parse_spec(raw, base_dir=os.path.dirname(os.path.abspath(path)),
                       check_files=check_files, check_model=check_model)
 
@@ -180,12 +169,18 @@ def _resolve_path(value: Any, base_dir: str) -> Any:
     return os.path.abspath(value)
 
 
+def _is_local_data(value: Any, base_dir: str) -> bool:
+    """A data source naming a local path rather than an HF dataset id: a data file suffix, a path form, or
+    something that exists beside the spec (so `train: mydata` beside the spec is not looked up on the hub)."""
+    return isinstance(value, str) and bool(value) and (
+        is_local_source(value) or value.startswith((".", "~", "/")) or os.path.exists(os.path.join(base_dir, value)))
+
+
 def _resolve_paths(raw: Dict[str, Any], base_dir: str) -> None:
     data = raw.get("data")
     if isinstance(data, dict):
         for key in ("train", "eval"):
-            if isinstance(data.get(key), str) and is_local_source(data[key]) or \
-                    isinstance(data.get(key), str) and data[key].startswith((".", "~", "/")):
+            if _is_local_data(data.get(key), base_dir):
                 data[key] = _resolve_path(data[key], base_dir)
     resources = raw.get("resources")   # a copy (parse_spec), so the caller's mapping stays as it was
     deepspeed = resources.get("deepspeed") if isinstance(resources, dict) else None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import math
 import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -28,8 +29,28 @@ def _missing_field(rows: Sequence[Mapping[str, Any]], name: str) -> List[int]:
             if row.get(name) is None or (isinstance(row.get(name), str) and not row.get(name).strip())]
 
 
+def _not_text(rows: Sequence[Mapping[str, Any]], name: str) -> List[int]:
+    """Rows whose text is there but not a string (a JSON number or list): the tokenizer takes only text."""
+    return [index for index, row in enumerate(rows, start=1)
+            if row.get(name) is not None and not isinstance(row.get(name), str)]
+
+
+def _hub_id_problems(key: str, source: str) -> List[str]:
+    """A source that is no local file must at least be spelt as an HF dataset id (checked offline), so a
+    mistyped path such as `inputs/data/train` is caught now, not when the run tries to download it."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(source)
+    except HFValidationError as exc:
+        reason = str(exc).split(". Use `repo_type`")[0].rstrip(".")
+        return [f"data.{key}: {source!r} is neither an existing local file nor an HF dataset id ({reason})"]
+    return []
+
+
 def data_problems(data: DataSection, task: str) -> List[str]:
-    """Files exist, have rows, and every row has the text (and label) field."""
+    """Files exist, have rows, and every row has the text (a string) and label field; a source that is no
+    local file is spelt as an HF dataset id."""
     problems: List[str] = []
     rows_by_key: Dict[str, List[Mapping[str, Any]]] = {}
     for key in ("train", "eval"):
@@ -40,7 +61,8 @@ def data_problems(data: DataSection, task: str) -> List[str]:
             if importlib.util.find_spec("datasets") is None:
                 problems.append(f"data.{key}: {source!r} is not a local file, and HF dataset ids need "
                                 f"pip install 'peft-search[hub-datasets]'")
-            continue  # a hub dataset is checked when it is loaded; validate downloads nothing
+            problems += _hub_id_problems(key, source)
+            continue  # a hub dataset is loaded when the run starts; validate downloads nothing
         try:
             rows = read_records(source, split=key)
         except DataError as exc:
@@ -59,6 +81,11 @@ def data_problems(data: DataSection, task: str) -> List[str]:
             if missing:
                 problems.append(f"data.{field_key}: {name!r} is missing or empty in {len(missing)} of {len(rows)} rows "
                                 f"of data.{key} (first: row {missing[0]}); the rows have: {_fields_of(rows)}")
+        not_text = _not_text(rows, data.text_field)
+        if not_text:
+            first = rows[not_text[0] - 1][data.text_field]
+            problems.append(f"data.text_field: {data.text_field!r} is not a string in {len(not_text)} of {len(rows)} "
+                            f"rows of data.{key} (first: row {not_text[0]}, got {type(first).__name__})")
     train = rows_by_key.get("train")
     if train and data.eval is None and int(len(train) * data.eval_fraction) < 1:
         problems.append(f"data.eval_fraction: {data.eval_fraction} of {len(train)} rows leaves no eval row; "
@@ -248,3 +275,33 @@ def _spec_precision(dtype: str, gpus_per_worker: float) -> Optional[str]:
     if dtype != "auto":
         return precision_of(dtype)
     return None if gpus_per_worker else "fp32"
+
+
+def local_gpu_count() -> int:
+    """CUDA devices this process can use (CUDA_VISIBLE_DEVICES applies); 0 without CUDA or a CUDA torch."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def embedded_gpu_problems(resources, gpus_here: Optional[int] = None) -> List[str]:
+    """GPUs a trial asks for that this machine lacks, for a search on the embedded local Ray.
+
+    Embedded Ray offers only this machine's devices, and Ray keeps a trial that asks for more waiting for
+    them forever, so it is refused before anything starts. On a cluster (--address / RAY_ADDRESS) the
+    GPUs live on its nodes: this check does not apply there. `gpus_here`: the device count (None: ask torch).
+    """
+    asked = resources.gpus_per_worker
+    if not asked:
+        return []
+    gpus_here = local_gpu_count() if gpus_here is None else gpus_here
+    cluster = "or run on a cluster with --address"
+    if gpus_here == 0:
+        return [f"resources.gpus_per_worker: {asked:g} GPU per worker asked for, but this machine has no GPU "
+                f"(embedded Ray); set 0, {cluster}"]
+    per_trial = math.ceil(resources.workers_per_trial * asked)   # a fraction still needs a device to share
+    if per_trial > gpus_here:
+        return [f"resources.gpus_per_worker: a trial needs {per_trial} GPUs (workers_per_trial="
+                f"{resources.workers_per_trial} x gpus_per_worker={asked:g}), but this machine has {gpus_here} "
+                f"(embedded Ray); ask for fewer, {cluster}"]
+    return []

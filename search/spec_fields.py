@@ -11,6 +11,7 @@ import difflib
 import math
 import numbers
 import re
+import reprlib
 from dataclasses import MISSING, field, fields
 from typing import Any, ClassVar, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -26,24 +27,33 @@ class SpecError(ValueError):
         super().__init__("\n".join(self.problems) if self.problems else "invalid spec")
 
 
+# Values echoed in messages are cut short: a problem is one line, even when the value is a 10 MB string.
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 100
+_SHORT.maxlist = _SHORT.maxtuple = 10
+
+
 def show(value: Any) -> str:
     """A value for a message: strings quoted with their type, so `'8' (str)` stands out from 8."""
     if isinstance(value, str):
-        return f"{value!r} (str)"
+        return f"{_SHORT.repr(value)} (str)"
     if isinstance(value, bool):
         return "true" if value else "false"
     if value is None:
         return "nothing (null)"
     if isinstance(value, dict):
         return "a mapping"
-    return repr(value)
+    return _SHORT.repr(value)
 
 
 def unknown_key(path: str, key: Any, known: Iterable[str], hint: str = "") -> str:
     known = list(known)
-    close = difflib.get_close_matches(str(key), known, n=1) if not hint else []
+    name = str(key)
+    if len(name) > _SHORT.maxstring:
+        name = _SHORT.repr(name)   # shortened; no key that long is close to a known one
+    close = difflib.get_close_matches(name, known, n=1) if not hint and str(key) == name else []
     maybe = f" (did you mean {close[0]!r}?)" if close else ""
-    where = f"{path}.{key}" if path else str(key)
+    where = f"{path}.{name}" if path else name
     return f"{where}: unknown key{maybe}{hint}; known keys are: {', '.join(known)}"
 
 

@@ -5,15 +5,13 @@ checks rules between sections, `file_and_model_problems` looks at the data and t
 """
 from __future__ import annotations
 
-import re
 from dataclasses import fields, replace
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from search.spec_fields import show
 from search.spec_params import conflict_problems, pair_problems, parse_peft, parse_space
-from search.spec_sections import (DEFAULT_METRIC, NAME_PATTERN, SYSTEM_METRICS, SYSTEM_MODES, TASK_METRICS,
+from search.spec_sections import (DEFAULT_METRIC, SYSTEM_METRICS, SYSTEM_MODES, TASK_METRICS,
                                   DataSection, ModelSection, ObjectiveSection, ResourcesSection, SearchSection,
-                                  TrackingSection, TrainingSection, storage_problems)
+                                  TrackingSection, TrainingSection, name_problems, storage_problems)
 from spaces.kinds import RatioTo
 from spaces.methods import get_method
 
@@ -50,13 +48,13 @@ def complete_objective(objective: ObjectiveSection, task: str) -> Tuple[Objectiv
 def parse_sections(raw: Mapping[str, Any], problems: List[str]) -> Dict[str, Any]:
     """The parsed parts of a spec (None for a part with problems); every problem added to `problems`."""
     parts: Dict[str, Any] = {}
-    name = raw.get("name")
     if "name" not in raw:
         problems.append("name: required key is missing (the run directory's name, [A-Za-z0-9._-]+)")
-    elif not isinstance(name, str) or not re.fullmatch(NAME_PATTERN, name):
-        problems.append(f"name: must match {NAME_PATTERN} (it names the run directory), got {show(name)}")
     else:
-        parts["name"] = name
+        bad_name = name_problems(raw["name"])
+        problems += bad_name
+        if not bad_name:
+            parts["name"] = raw["name"]
     for key in ("model", "data"):
         if key not in raw:
             problems.append(f"{key}: required section is missing")
@@ -171,8 +169,7 @@ def _engine_problems(model, training, resources) -> List[str]:
 def spec_problems(spec) -> List[str]:
     """Cross-section problems of a constructed SearchSpec (the objective gets its defaults here)."""
     problems = []
-    if not isinstance(spec.name, str) or not re.fullmatch(NAME_PATTERN, spec.name):
-        problems.append(f"name: must match {NAME_PATTERN} (it names the run directory), got {show(spec.name)}")
+    problems += name_problems(spec.name)
     problems += storage_problems(spec.storage, check_environment=False)
     parts = {f.name: getattr(spec, f.name) for f in fields(spec)}
     problems += cross_problems(parts)

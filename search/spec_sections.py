@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from dataclasses import dataclass
-from typing import List, Optional, Tuple, Union
+from typing import Any, List, Optional, Tuple, Union
 from urllib.parse import urlsplit
 
-from search.spec_fields import Section, rule
+from search.spec_fields import Section, rule, show
 from search.storage import redact_url  # noqa: F401 (spec.py imports it from here)
 from spaces.methods import TRAINING_PARAMS
 from trainers.kernels import ATTN_IMPLEMENTATIONS
 from trainers.settings import DTYPES, OFFLOAD_DEVICES, OPTIMIZERS, QUANTIZATIONS, TASKS
 
 NAME_PATTERN = r"[A-Za-z0-9._-]+"
+# The run directory's name, and the default W&B project (which allows 128 characters); a filesystem 255 bytes.
+NAME_MAX_LENGTH = 128
 ALGORITHMS = ("tpe", "random", "grid", "nsga2")
 SCHEDULERS = ("asha", "none")
 WANDB_MODES = ("offline", "online", "disabled")
@@ -60,6 +63,11 @@ class DataSection(Section):
     max_length: int = rule(TRAINING_PARAMS["max_length"].default, param=TRAINING_PARAMS["max_length"])
     # added: share of train held out for eval when `eval` is not given (a seeded, fixed split)
     eval_fraction: float = rule(0.2, "float", low=0, low_open=True, high=1, high_open=True)
+
+    def extra_problems(self) -> List[str]:
+        # an empty string would pass for an HF dataset id, which validate does not download
+        return [f"data.{key}: must name a data file or an HF dataset id, got an empty string"
+                for key in ("train", "eval") if getattr(self, key) is not None and not getattr(self, key).strip()]
 
 
 def _training_rule(name: str):
@@ -216,6 +224,18 @@ class TrackingSection(Section):
     entity: Optional[str] = rule(None, nullable=True)     # added
     # added, discouraged: prefer the WANDB_API_KEY environment variable; redacted in spec.yaml
     api_key: Optional[str] = rule(None, nullable=True)
+
+
+def name_problems(name: Any) -> List[str]:
+    """`name:` becomes RUNS_DIR/<name>/, so it must stay one directory inside RUNS_DIR."""
+    if not isinstance(name, str) or not re.fullmatch(NAME_PATTERN, name):
+        return [f"name: must match {NAME_PATTERN} (it names the run directory), got {show(name)}"]
+    if name in (".", ".."):   # they match the pattern, but would be RUNS_DIR itself or its parent
+        return [f"name: {name!r} would make the run directory RUNS_DIR itself or its parent, not a directory "
+                f"inside it; choose a name such as quickstart"]
+    if len(name) > NAME_MAX_LENGTH:
+        return [f"name: must be at most {NAME_MAX_LENGTH} characters (it names the run directory), got {len(name)}"]
+    return []
 
 
 STORAGE_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg2")

@@ -10,24 +10,29 @@ from typing import List, Optional, Tuple
 from search.spec import SearchSpec, SpecError, load_spec
 
 
-def validate_file(path: str, check_files: bool = True, check_model: bool = True) -> Tuple[Optional[SearchSpec], List[str]]:
+def validate_file(path: str, check_files: bool = True, check_model: bool = True,
+                  embedded: bool = True) -> Tuple[Optional[SearchSpec], List[str]]:
     """(the spec, []) when `path` is valid, else (None, one line per problem naming its key path)."""
-    spec, problems, _warnings = check_file(path, check_files=check_files, check_model=check_model)
+    spec, problems, _warnings = check_file(path, check_files=check_files, check_model=check_model, embedded=embedded)
     return spec, problems
 
 
-def check_file(path: str, check_files: bool = True,
-               check_model: bool = True) -> Tuple[Optional[SearchSpec], List[str], List[str]]:
+def check_file(path: str, check_files: bool = True, check_model: bool = True,
+               embedded: bool = True) -> Tuple[Optional[SearchSpec], List[str], List[str]]:
     """As `validate_file`, plus warnings that leave the spec valid (a few eval rows copied from train).
 
-    The overlap check reads the rows the trials would use, after the spec is known to be valid."""
-    from search.spec_checks import overlap_findings
+    `embedded`: the search runs on this machine's embedded Ray (no --address / RAY_ADDRESS), so the GPUs
+    it asks for must be here; False for a cluster, whose nodes hold them. The machine and overlap checks
+    run once the spec itself is valid (the overlap check reads the rows the trials would use)."""
+    from search.spec_checks import embedded_gpu_problems, overlap_findings
 
     try:
         spec = load_spec(path, check_files=check_files, check_model=check_model)
     except SpecError as exc:
         return None, list(exc.problems), []
-    if not check_files:
-        return spec, [], []
-    problems, warnings = overlap_findings(spec.trial_settings({}).data)
+    problems = embedded_gpu_problems(spec.resources) if embedded else []
+    warnings: List[str] = []
+    if check_files:
+        overlap, warnings = overlap_findings(spec.trial_settings({}).data)
+        problems += overlap
     return (None if problems else spec), problems, warnings

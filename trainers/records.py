@@ -25,18 +25,30 @@ def read_records(source: str, split: str = "train") -> List[Dict[str, Any]]:
     """All rows of `source`. `.txt` gives one record per non-empty line under the key "text"."""
     if not is_local_source(source):
         return _read_hub_dataset(source, split)
+    if os.path.isdir(source):
+        raise DataError(f"{source}: is a directory, not a data file ({', '.join(LOCAL_SUFFIXES)})")
     if not os.path.isfile(source):
         raise DataError(f"{source}: no such file")
     try:
         if source.endswith((".jsonl", ".json")):
             return _read_jsonl(source)
         if source.endswith(".csv"):
-            with open(source, newline="", encoding="utf-8") as handle:
-                return [dict(row) for row in csv.DictReader(handle)]
+            return _read_csv(source)
         with open(source, encoding="utf-8") as handle:
             return [{"text": line.rstrip("\n")} for line in handle if line.strip()]
     except UnicodeDecodeError as exc:
         raise DataError(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except OSError as exc:   # unreadable (permissions, a device that fails): say so rather than crash
+        raise DataError(f"{source}: cannot read ({exc.strerror or exc})") from exc
+
+
+def _read_csv(path: str) -> List[Dict[str, Any]]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        try:
+            return [dict(row) for row in reader]
+        except csv.Error as exc:   # e.g. a field over csv's 128 KiB limit: a file that is not a table
+            raise DataError(f"{path}:{reader.line_num}: not valid CSV ({exc})") from exc
 
 
 def _read_jsonl(path: str) -> List[Dict[str, Any]]:

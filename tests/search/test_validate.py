@@ -40,6 +40,39 @@ def test_every_example_validates(path, monkeypatch):
     data_dir = os.path.join(os.path.dirname(path), "data", "stdlib_docstrings")
     if not os.path.isfile(os.path.join(data_dir, "train.jsonl")):
         pytest.skip("examples/data/stdlib_docstrings is not built yet")
-    spec, problems = validate_file(path)
+    # embedded=False: the GPUs an example asks for (qlora_causal: one) are checked on the machine it runs on
+    spec, problems = validate_file(path, embedded=False)
     assert problems == []
     assert spec.search_space()
+
+
+@pytest.mark.parametrize("workers, gpus, here, expected", [
+    (1, 0, 0, None),                                   # CPU trials need nothing of the machine
+    (1, 1, 0, "1 GPU per worker asked for, but this machine has no GPU (embedded Ray); set 0, or run on a "
+              "cluster with --address"),
+    (1, 0.5, 0, "0.5 GPU per worker asked for, but this machine has no GPU"),
+    (2, 1, 1, "a trial needs 2 GPUs (workers_per_trial=2 x gpus_per_worker=1), but this machine has 1"),
+    (1, 0.5, 1, None),                                 # a fraction shares the one device
+    (2, 1, 2, None),
+    (3, 2, 8, None),
+], ids=["cpu", "none-here", "fraction-none-here", "too-few", "fraction-shares", "enough", "plenty"])
+def test_embedded_gpu_check(workers, gpus, here, expected):
+    from search.spec_checks import embedded_gpu_problems
+    from search.spec_sections import ResourcesSection
+
+    problems = embedded_gpu_problems(ResourcesSection(workers_per_trial=workers, gpus_per_worker=gpus), gpus_here=here)
+    if expected is None:
+        assert problems == []
+    else:
+        assert len(problems) == 1 and problems[0].startswith("resources.gpus_per_worker: ") and expected in problems[0]
+
+
+def test_gpu_check_applies_to_embedded_runs_only(tiny_world, tmp_path, monkeypatch):
+    import search.spec_checks
+
+    monkeypatch.setattr(search.spec_checks, "local_gpu_count", lambda: 0)   # whatever this machine has
+    path = write_spec(tmp_path, merged(base_spec(tiny_world), {"resources.gpus_per_worker": 1}))
+    spec, problems = validate_file(path)
+    assert spec is None and len(problems) == 1 and "(embedded Ray)" in problems[0]
+    spec, problems = validate_file(path, embedded=False)
+    assert problems == [] and spec.resources.gpus_per_worker == 1
