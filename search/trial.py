@@ -112,8 +112,11 @@ def tune_trial(config: Dict[str, Any], spec, run_dir: str, threads_per_worker: i
 
 # How Ray reports a worker process that died under a trial (killed, out of the node, node lost): worth a
 # retry. Anything else (divergence, out of memory, a bad setting) would fail the same way again.
-_WORKER_LOST = re.compile(r"ActorDiedError|RayActorError|WorkerCrashedError|NodeDiedError|ActorUnavailableError|"
-                          r"died unexpectedly|SIGKILL|SIGTERM|exit code -?9|connection (?:lost|reset)", re.IGNORECASE)
+# Seen here (Ray 2.60, a worker SIGKILLed): "WorkerGroupError: The actor is dead because its worker process has
+# died. Worker exit type: SYSTEM_ERROR ...".
+_WORKER_LOST = re.compile(r"worker process has died|actor is dead|ActorDiedError|RayActorError|WorkerCrashedError|"
+                          r"NodeDiedError|ActorUnavailableError|died unexpectedly|node .* (?:was )?(?:lost|removed)",
+                          re.IGNORECASE)
 
 
 def worker_lost(reason: str) -> bool:
