@@ -104,7 +104,9 @@ def _fit(spec, run_dir: str, todo: ResumePlan) -> None:
     started = todo.finished or todo.interrupted
     searcher = PeftOptunaSearch(
         space=space, metric=metric, mode=mode,
-        sampler=make_sampler(spec.search.algorithm, spec.search.seed, grid=spec.grid() if spec.search.algorithm == "grid" else None),
+        # a resumed driver's sampler must not replay the draws of the first driver's (same seed, same draws)
+        sampler=make_sampler(spec.search.algorithm, spec.search.seed + todo.finished + len(todo.interrupted),
+                             grid=spec.grid() if spec.search.algorithm == "grid" else None),
         study_name=STUDY_NAME, storage=open_storage(spec.storage, run_dir), seed=spec.search.seed,
         decode=spec.decode,
         refiner=Refiner.from_spec(spec),   # None unless search.refine_every > 0
