@@ -21,6 +21,14 @@ def record(run_dir: str, gcs_address: str) -> None:
         handle.write(gcs_address.rsplit(":", 1)[-1] + "\n")
 
 
+def forget(run_dir: str) -> None:
+    """The driver stopped its embedded Ray itself: nothing is left to find."""
+    try:
+        os.remove(os.path.join(run_dir, PORT_FILE))
+    except OSError:
+        pass
+
+
 def recorded_port(run_dir: str) -> Optional[str]:
     try:
         with open(os.path.join(run_dir, PORT_FILE), encoding="utf-8") as handle:
@@ -58,5 +66,5 @@ def stop_leftovers(run_dir: str) -> int:
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
-    os.remove(os.path.join(run_dir, PORT_FILE))
+    forget(run_dir)
     return len(pids)

@@ -78,6 +78,8 @@ def _fit_on_ray(spec, run_dir: str, address: Optional[str], todo: ResumePlan) ->
         _fit(spec, run_dir, todo)
     finally:
         local.shutdown(started_ray)
+        if started_ray:
+            leftovers.forget(run_dir)
 
 
 def _sensitivity_tables(spec, run_dir: str, rows) -> dict:

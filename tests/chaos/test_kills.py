@@ -154,9 +154,8 @@ def test_driver_killed_at_random_points_then_resumed(tmp_path, inputs, run):
         trial = trials[number]
         if trial.state == TrialState.COMPLETE and trial.user_attrs.get("round", 0) > round_:
             assert trial.user_attrs.get("resumed_after_round", 0) >= round_, (number, trial.user_attrs)
-    # the killed drivers' embedded Ray left nothing running behind
-    port = recorded_port(run_dir)
-    assert port is None or not processes_of(port)
+    # the last driver stopped its own Ray; the killed drivers' leftovers were stopped by the resumes
+    assert recorded_port(run_dir) is None
 
 
 def test_a_killed_trial_worker_retries_from_its_checkpoint(tmp_path, inputs):

@@ -23,8 +23,15 @@ pytestmark = pytest.mark.slow
 
 
 def ray_cli(*args, env, timeout=120):
-    return subprocess.run([os.path.join(BIN, "ray"), *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    """The ray CLI; a job submitted before the head's job agent is up is submitted again (Ray answers
+    "No available agent to submit job, please try again later" for a while after `ray job list` works)."""
+    deadline = time.time() + 120
+    while True:
+        done = subprocess.run([os.path.join(BIN, "ray"), *args], env=env, capture_output=True, text=True,
+                              timeout=timeout)
+        if "No available agent" not in done.stderr + done.stdout or time.time() > deadline:
+            return done
+        time.sleep(3)
 
 
 @pytest.fixture(scope="module")
