@@ -35,7 +35,7 @@ def run_search(spec, runs_dir: str, address: Optional[str] = None, resume: bool 
         study = open_study(spec, run_dir, resume)   # a changed space or objective stops here, before Ray
         write_run_files(spec, run_dir, summary)
         todo = plan(study, spec.search.trials)
-        if todo.finished or todo.interrupted:
+        if todo.asked:
             log.info(f"resuming: {todo.finished} trials finished and kept, {len(todo.interrupted)} interrupted "
                      f"(run again from their last checkpoint), {todo.new} new")
         wall_before, started = (outputs.previous_wall(run_dir) or 0.0) if resume else 0.0, time.time()
@@ -44,7 +44,7 @@ def run_search(spec, runs_dir: str, address: Optional[str] = None, resume: bool 
                 _fit_on_ray(spec, run_dir, address, todo)
         finally:
             rows = outputs.refresh(run_dir, wall_s=wall_before + time.time() - started)
-            log_tables(run_dir, spec.name, spec.tracking, {"trials": rows, **_sensitivity_tables(spec, run_dir, rows)})
+            log_tables(run_dir, spec.name, spec.tracking, {"trials": rows, **_sensitivity_tables(spec, study, rows)})
     return run_dir
 
 
@@ -82,14 +82,12 @@ def _fit_on_ray(spec, run_dir: str, address: Optional[str], todo: ResumePlan) ->
             leftovers.forget(run_dir)
 
 
-def _sensitivity_tables(spec, run_dir: str, rows) -> dict:
+def _sensitivity_tables(spec, study, rows) -> dict:
     """The sensitivity table and importances for W&B, on the first objective."""
     if spec.tracking.wandb == "disabled":
         return {}
-    from search.results import load_study
     from search.sensitivity import summary_tables
 
-    study = load_study(open_storage(spec.storage, run_dir))
     return summary_tables(rows, study, spec.objective.metrics[0], spec.objective.modes[0])
 
 
@@ -103,17 +101,16 @@ def _fit(spec, run_dir: str, todo: ResumePlan) -> None:
         metric, mode = list(metric), list(mode)
     space = spec.search_space()
     has_defaults = bool(spec.default_params())   # some published default lies inside the space
-    started = todo.finished or todo.interrupted
     searcher = PeftOptunaSearch(
         space=space, metric=metric, mode=mode,
         # a resumed driver's sampler must not replay the draws of the first driver's (same seed, same draws)
-        sampler=make_sampler(spec.search.algorithm, spec.search.seed + todo.finished + len(todo.interrupted),
+        sampler=make_sampler(spec.search.algorithm, spec.search.seed + todo.asked,
                              grid=spec.grid() if spec.search.algorithm == "grid" else None),
         study_name=STUDY_NAME, storage=open_storage(spec.storage, run_dir), seed=spec.search.seed,
         decode=spec.decode,
         refiner=Refiner.from_spec(spec),   # None unless search.refine_every > 0
         # trial 0 tries the published defaults (rank 8, alpha 2r, lr 2e-4, ...) where they lie in the space
-        points_to_evaluate=[spec.default_params(complete=True)] if has_defaults and not started else None,
+        points_to_evaluate=[spec.default_params(complete=True)] if has_defaults and not todo.asked else None,
         resume=todo.interrupted,
     )
     scheduler = make_scheduler(spec.search.scheduler, metric, mode, spec.max_rounds, spec.search.grace_rounds,
@@ -130,7 +127,6 @@ def _fit(spec, run_dir: str, todo: ResumePlan) -> None:
                                   callbacks=[ProgressLines(metric, mode, todo.to_run)]),
     )
     tuner.fit()
-
 
 
 def _tune_name(run_dir: str) -> str:

@@ -73,6 +73,11 @@ class ResumePlan:
     new: int                 # trials still to ask for
 
     @property
+    def asked(self) -> int:
+        """Trials the search asked for before this driver: nonzero means it is a resumed search."""
+        return self.finished + len(self.interrupted)
+
+    @property
     def to_run(self) -> int:
         return len(self.interrupted) + self.new
 

@@ -40,7 +40,7 @@ def test_the_plan_keeps_finished_trials_and_runs_interrupted_ones_again(tmp_path
         if state != TrialState.RUNNING:
             study.tell(trial, 0.5 if state == TrialState.COMPLETE else None, state=state)
     todo = plan(study, total=8)
-    assert (todo.finished, todo.interrupted, todo.new, todo.to_run) == (3, [3, 4], 3, 5)
+    assert (todo.finished, todo.interrupted, todo.new, todo.to_run, todo.asked) == (3, [3, 4], 3, 5, 5)
     assert plan(study, total=4).new == 0   # never more trials than the spec asks for
 
 
