@@ -16,7 +16,7 @@ from search.rundir import prepare_run_dir
 from search.progress import ProgressLines
 from search.schedulers import make_scheduler
 from search.searcher import PeftOptunaSearch, make_sampler
-from search.storage import STUDY_NAME, open_storage
+from search.storage import open_storage, redact_url, study_name
 from search.tracking import log_tables
 from search.trial import tune_trial
 
@@ -39,7 +39,7 @@ def run_search(spec, runs_dir: str, address: Optional[str] = None) -> str:
         _fit(spec, run_dir)
     finally:
         local.shutdown(started_ray)
-        rows = outputs.refresh(run_dir, wall_s=time.time() - started)
+        rows = outputs.refresh(run_dir, wall_s=time.time() - started, storage=spec.storage)
         log_tables(run_dir, spec.name, spec.tracking, {"trials": rows, **_sensitivity_tables(spec, run_dir, rows)})
     return run_dir
 
@@ -51,7 +51,7 @@ def _sensitivity_tables(spec, run_dir: str, rows) -> dict:
     from search.results import load_study
     from search.sensitivity import summary_tables
 
-    study = load_study(open_storage(spec.storage, run_dir))
+    study = load_study(open_storage(spec.storage, run_dir), study_name(spec.storage, spec.name))
     return summary_tables(rows, study, spec.objective.metrics[0], spec.objective.modes[0])
 
 
@@ -60,6 +60,8 @@ def _fit(spec, run_dir: str) -> None:
 
     from search.refine import Refiner
 
+    storage = open_storage(spec.storage, run_dir)   # the only holder of the database password from here on
+    spec = _without_storage_password(spec)
     metric, mode = spec.objective.metric, spec.objective.mode
     if not isinstance(metric, str):   # several objectives: Ray's OptunaSearch wants lists
         metric, mode = list(metric), list(mode)
@@ -68,7 +70,7 @@ def _fit(spec, run_dir: str) -> None:
     searcher = PeftOptunaSearch(
         space=space, metric=metric, mode=mode,
         sampler=make_sampler(spec.search.algorithm, spec.search.seed, grid=spec.grid() if spec.search.algorithm == "grid" else None),
-        study_name=STUDY_NAME, storage=open_storage(spec.storage, run_dir), seed=spec.search.seed,
+        study_name=study_name(spec.storage, spec.name), storage=storage, seed=spec.search.seed,
         decode=spec.decode,
         refiner=Refiner.from_spec(spec),   # None unless search.refine_every > 0
         # trial 0 tries the published defaults (rank 8, alpha 2r, lr 2e-4, ...) where they lie in the space
@@ -89,3 +91,12 @@ def _fit(spec, run_dir: str) -> None:
     )
     tuner.fit()
 
+
+def _without_storage_password(spec):
+    """The spec as Ray gets it: in the trials' parameters and, through the searcher's `decode`, in what Tune
+    pickles into RUN_DIR/ray (tuner.pkl, searcher-state-*.pkl). Nothing there opens the study, so the storage
+    URL goes redacted."""
+    from dataclasses import replace
+
+    redacted = redact_url(spec.storage)
+    return spec if redacted == spec.storage else replace(spec, storage=redacted)

@@ -6,7 +6,7 @@ import os
 
 import yaml
 
-from search.storage import redact_url
+from search.storage import check_storage, redact_url, study_name
 
 SPEC_FILE = "spec.yaml"
 SUMMARY_FILE = "search.json"
@@ -20,6 +20,10 @@ def prepare_run_dir(spec, runs_dir: str) -> str:
     run_dir = os.path.abspath(os.path.join(runs_dir, spec.name))
     if os.path.exists(os.path.join(run_dir, SUMMARY_FILE)):
         raise RunDirError(f"{run_dir} already holds a search; choose another `name` or --runs-dir")
+    # before the directory or Ray exist: an unreachable database, or SQLite on NFS, ends here with one line
+    problem = check_storage(spec.storage, run_dir, search_name=study_name(spec.storage, spec.name))
+    if problem:
+        raise RunDirError(problem)
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, SPEC_FILE), "w", encoding="utf-8") as handle:
         yaml.safe_dump(spec.to_dict(redact=True), handle, sort_keys=False)
@@ -34,6 +38,7 @@ def write_summary(run_dir: str, spec) -> None:
         "metric": spec.objective.metric, "mode": spec.objective.mode, "algorithm": spec.search.algorithm,
         # the password of a database URL is never written; PEFT_SEARCH_STORAGE supplies the full URL later
         "scheduler": spec.search.scheduler, "trials": spec.search.trials, "storage": redact_url(spec.storage),
+        "study": study_name(spec.storage, spec.name),
         "baseline": majority_baseline(spec),
     }
     with open(os.path.join(run_dir, SUMMARY_FILE), "w", encoding="utf-8") as handle:
