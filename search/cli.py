@@ -77,12 +77,13 @@ def _run(spec, runs_dir: str, address: Optional[str], resume: bool) -> int:
     from search.resume import ResumeError
     from search.rundir import RunDirError
     from search.spec import SpecError
+    from search.storage import StorageError
 
     try:
         run_dir = run_search(spec, runs_dir, address=address, resume=resume)
     except RunDirError as exc:
         return _problems_exit([f"--runs-dir: {exc}"])
-    except ResumeError as exc:
+    except (ResumeError, StorageError) as exc:   # each message names its key (`space:`, `storage:`)
         return _problems_exit([str(exc)])
     except SpecError as exc:   # data that only the run reads (an HF dataset id), before anything started
         return _problems_exit(exc.problems)

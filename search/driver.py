@@ -13,11 +13,11 @@ from typing import Optional
 from cluster import leftovers, local
 from search import outputs
 from search.resume import DriverLock, ResumePlan, plan, record_or_check
-from search.rundir import RunDirError, prepare_run_dir, write_run_files
+from search.rundir import prepare_run_dir, write_run_files
 from search.progress import ProgressLines
 from search.schedulers import make_scheduler
 from search.searcher import PeftOptunaSearch, make_sampler
-from search.storage import STUDY_NAME, open_storage
+from search.storage import StorageError, open_storage, redact_url, study_name
 from search.tracking import log_tables
 from search.trial import tune_trial
 
@@ -43,7 +43,7 @@ def run_search(spec, runs_dir: str, address: Optional[str] = None, resume: bool 
             if todo.to_run:
                 _fit_on_ray(spec, run_dir, address, todo)
         finally:
-            rows = outputs.refresh(run_dir, wall_s=wall_before + time.time() - started)
+            rows = outputs.refresh(run_dir, wall_s=wall_before + time.time() - started, storage=spec.storage)
             log_tables(run_dir, spec.name, spec.tracking, {"trials": rows, **_sensitivity_tables(spec, study, rows)})
     return run_dir
 
@@ -52,11 +52,12 @@ def open_study(spec, run_dir: str, resume: bool):
     """The search's Optuna study, created with its fingerprint or, on resume, loaded and checked against it."""
     import optuna
 
+    name = study_name(spec.storage, spec.name)
     directions = ["maximize" if mode == "max" else "minimize" for mode in spec.objective.modes]
-    study = optuna.create_study(storage=open_storage(spec.storage, run_dir), study_name=STUDY_NAME,
+    study = optuna.create_study(storage=open_storage(spec.storage, run_dir), study_name=name,
                                 directions=directions, load_if_exists=True)
     if not resume and study.get_trials(deepcopy=False):
-        raise RunDirError(f"storage: already holds a study {STUDY_NAME!r} with trials; resume it or use another storage")
+        raise StorageError(f"storage: already holds a study {name!r} with trials; resume it or use another storage")
     record_or_check(study, spec)
     return study
 
@@ -96,6 +97,8 @@ def _fit(spec, run_dir: str, todo: ResumePlan) -> None:
 
     from search.refine import Refiner
 
+    storage = open_storage(spec.storage, run_dir)   # the only holder of the database password from here on
+    spec = _without_storage_password(spec)
     metric, mode = spec.objective.metric, spec.objective.mode
     if not isinstance(metric, str):   # several objectives: Ray's OptunaSearch wants lists
         metric, mode = list(metric), list(mode)
@@ -106,7 +109,7 @@ def _fit(spec, run_dir: str, todo: ResumePlan) -> None:
         # a resumed driver's sampler must not replay the draws of the first driver's (same seed, same draws)
         sampler=make_sampler(spec.search.algorithm, spec.search.seed + todo.asked,
                              grid=spec.grid() if spec.search.algorithm == "grid" else None),
-        study_name=STUDY_NAME, storage=open_storage(spec.storage, run_dir), seed=spec.search.seed,
+        study_name=study_name(spec.storage, spec.name), storage=storage, seed=spec.search.seed,
         decode=spec.decode,
         refiner=Refiner.from_spec(spec),   # None unless search.refine_every > 0
         # trial 0 tries the published defaults (rank 8, alpha 2r, lr 2e-4, ...) where they lie in the space
@@ -136,3 +139,13 @@ def _tune_name(run_dir: str) -> str:
         count += 1
         name = f"tune-{count}"
     return name
+
+
+def _without_storage_password(spec):
+    """The spec as Ray gets it: in the trials' parameters and, through the searcher's `decode`, in what Tune
+    pickles into RUN_DIR/ray (tuner.pkl, searcher-state-*.pkl). Nothing there opens the study, so the storage
+    URL goes redacted."""
+    from dataclasses import replace
+
+    redacted = redact_url(spec.storage)
+    return spec if redacted == spec.storage else replace(spec, storage=redacted)

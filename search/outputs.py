@@ -8,8 +8,8 @@ from typing import Dict, List, Optional, Tuple
 
 from search import report, report_html
 from search.results import best_trial, load_study, objectives, trial_rows, write_trials_csv
-from search.rundir import read_summary
-from search.storage import SQLITE_FILE, open_storage
+from search.rundir import RunDirError, read_summary
+from search.storage import SQLITE_FILE, STUDY_NAME, StorageError, open_storage, redact_url, saved_storage
 from search.trial import SETTINGS_FILE, trial_dir
 
 TRIALS_CSV = "trials.csv"
@@ -27,19 +27,38 @@ BOOKKEEPING_KEYS = ("peft_type", "auto_mapping", "base_model_name_or_path", "rev
 
 
 def storage_for(run_dir: str, summary: dict) -> str:
+    """The full storage of the search in `run_dir`: its SQLite file, or the database URL, whose password comes
+    from PEFT_SEARCH_STORAGE (search.json keeps it redacted)."""
     if summary["storage"] == "sqlite":
         if not os.path.isfile(os.path.join(run_dir, SQLITE_FILE)):
             raise FileNotFoundError(f"{run_dir}: no {SQLITE_FILE}; the search never started")
         return "sqlite"
-    # the saved URL has its password redacted; the environment holds the real one
-    return os.environ.get("PEFT_SEARCH_STORAGE", summary["storage"])
+    return saved_storage(summary["storage"])
 
 
-def refresh(run_dir: str, wall_s: Optional[float] = None) -> List[dict]:
-    """Write trials.csv, best/, report.md and report.html; returns the trial rows."""
+def open_study(run_dir: str, summary: dict, storage: Optional[str] = None):
+    """The search's Optuna study (in `storage`, the full one, when the caller has it: the driver has the spec's);
+    RunDirError (exit 2 at the CLI) when its storage is out of reach."""
+    name = summary.get("study", STUDY_NAME)   # run directories from before per-search study names
+    try:
+        storage = storage or storage_for(run_dir, summary)
+        opened = open_storage(storage, run_dir)
+    except StorageError as exc:
+        raise RunDirError(str(exc)) from None
+    try:
+        return load_study(opened, name)
+    except KeyError:   # no study of that name there (e.g. PEFT_SEARCH_STORAGE names another database)
+        raise RunDirError(f"storage: {redact_url(storage)} holds no study named {name!r}") from None
+
+
+def refresh(run_dir: str, wall_s: Optional[float] = None, storage: Optional[str] = None) -> List[dict]:
+    """Write trials.csv, best/, report.md and report.html; returns the trial rows.
+
+    `storage`: the spec's full storage, when the caller has it (the driver); else search.json's and
+    PEFT_SEARCH_STORAGE."""
     summary = read_summary(run_dir)
     objs = objectives(summary)
-    study = load_study(open_storage(storage_for(run_dir, summary), run_dir))
+    study = open_study(run_dir, summary, storage)
     rows = trial_rows(study.get_trials(deepcopy=False), [metric for metric, _ in objs])
     write_trials_csv(rows, os.path.join(run_dir, TRIALS_CSV))
     best = best_trial(rows, objs)

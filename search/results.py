@@ -26,8 +26,8 @@ STOPPED_EARLY = "stopped_early"  # the reason a trial stopped itself before its 
 Objective = Tuple[str, str]  # (metric, mode)
 
 
-def load_study(storage) -> optuna.Study:
-    return optuna.load_study(study_name=STUDY_NAME, storage=storage)
+def load_study(storage, name: str = STUDY_NAME) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=storage)
 
 
 def objectives(summary: Dict[str, object]) -> List[Objective]:

@@ -122,9 +122,6 @@ class DriverLock:
             self._handle = None
 
 
-REDACTED = "***"
-
-
 def load_run_spec(run_dir: str, embedded: bool = True):
     """(the spec a run directory's search was started with, problems): its spec.yaml, checked again (the
     data must still be there; GPUs on this machine if `embedded`), with the secrets that spec.yaml does not
@@ -132,6 +129,7 @@ def load_run_spec(run_dir: str, embedded: bool = True):
     from dataclasses import replace
 
     from search.rundir import SPEC_FILE, read_summary
+    from search.storage import REDACTED, StorageError, saved_storage
     from search.validate import check_file
 
     try:
@@ -145,12 +143,10 @@ def load_run_spec(run_dir: str, embedded: bool = True):
         # the name keys W&B run ids and the run directory: a renamed directory would fork the search
         return None, [f"RUN_DIR: named {os.path.basename(run_dir)!r}, but its search is {spec.name!r}; "
                       f"give the directory its name back"]
-    if REDACTED in spec.storage:
-        url = os.environ.get("PEFT_SEARCH_STORAGE")
-        if not url:
-            return None, ["storage: spec.yaml holds the database URL without its password; set PEFT_SEARCH_STORAGE "
-                          "to the full URL to resume"]
-        spec = replace(spec, storage=url)
+    try:
+        spec = replace(spec, storage=saved_storage(spec.storage))   # the password: from PEFT_SEARCH_STORAGE
+    except StorageError as exc:
+        return None, [str(exc)]
     if spec.tracking.api_key == REDACTED:   # the key comes from WANDB_API_KEY or `wandb login` instead
         spec = replace(spec, tracking=replace(spec.tracking, api_key=None))
     return spec, []

@@ -8,7 +8,7 @@ from typing import Optional, Tuple
 import yaml
 
 from search.spec_fields import SpecError
-from search.storage import redact_url
+from search.storage import StorageError, check_storage, redact_url, study_name
 from trainers.records import DataError
 
 SPEC_FILE = "spec.yaml"
@@ -27,6 +27,12 @@ def prepare_run_dir(spec, runs_dir: str, resume: bool = False) -> Tuple[str, dic
     if holds_search and not resume:
         raise RunDirError(f"{run_dir} already holds a search; continue it with `peft-search resume {run_dir}`, "
                           f"or choose another `name` or --runs-dir")
+    # before the directory or Ray exist: an unreachable database, or SQLite on NFS, ends here with one line;
+    # a new search must not land in a study that another search holds
+    name = None if holds_search else study_name(spec.storage, spec.name)
+    problem = check_storage(spec.storage, run_dir, search_name=name)
+    if problem:
+        raise StorageError(problem)
     # Read first: the baseline reads the data (an HF dataset id downloads here, and may fail), and a
     # failure must leave no run directory behind.
     try:
@@ -60,6 +66,7 @@ def run_summary(spec) -> dict:
         "metric": spec.objective.metric, "mode": spec.objective.mode, "algorithm": spec.search.algorithm,
         # the password of a database URL is never written; PEFT_SEARCH_STORAGE supplies the full URL later
         "scheduler": spec.search.scheduler, "trials": spec.search.trials, "storage": redact_url(spec.storage),
+        "study": study_name(spec.storage, spec.name),
         "baseline": majority_baseline(spec),
     }
 

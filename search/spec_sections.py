@@ -14,7 +14,7 @@ from typing import Any, List, Optional, Tuple, Union
 from urllib.parse import urlsplit
 
 from search.spec_fields import Section, rule, show
-from search.storage import redact_url  # noqa: F401 (spec.py imports it from here)
+from search.storage import INSTALL_HINT, redact_url  # redact_url: spec.py imports it from here
 from spaces.methods import TRAINING_PARAMS
 from trainers.kernels import ATTN_IMPLEMENTATIONS
 from trainers.settings import DTYPES, OFFLOAD_DEVICES, OPTIMIZERS, QUANTIZATIONS, TASKS
@@ -266,5 +266,5 @@ def storage_problems(url: object, check_environment: bool = True) -> List[str]:
         problems.append(f"storage: a postgresql URL needs a host and a database name "
                         f"(postgresql://USER:PASSWORD@HOST/DB), got {redact_url(url)!r}")
     if check_environment and importlib.util.find_spec("psycopg2") is None:
-        problems.append("storage: postgresql storage needs the psycopg2 driver: pip install psycopg2-binary")
+        problems.append(f"storage: postgresql storage needs the psycopg2 driver: {INSTALL_HINT}")
     return problems

@@ -1,28 +1,216 @@
-"""Where the Optuna study lives: a SQLite file in the run directory by default, PostgreSQL by URL."""
+"""Where the Optuna study lives: a SQLite file in the run directory by default, PostgreSQL by URL.
+
+The password of a database URL is kept in the driver's memory only: the run directory holds the redacted
+URL (spec.yaml, search.json), and later commands (`peft-search report`) take the full URL from the
+PEFT_SEARCH_STORAGE environment variable.
+"""
 from __future__ import annotations
 
 import os
 import re
+from typing import Mapping, Optional
 
 STUDY_NAME = "peft-search"
 SQLITE_FILE = "study.sqlite3"
+STORAGE_ENV = "PEFT_SEARCH_STORAGE"
+# libpq waits forever for a host that drops packets; a search should fail at once with a clear line instead
+CONNECT_TIMEOUT_S = 10
+REDACTED = "***"
+INSTALL_HINT = "pip install 'peft-search[postgres]'"   # psycopg2, SQLAlchemy's driver for postgresql:// URLs
+
+# Network filesystem types (/proc/mounts) whose byte-range locks SQLite cannot trust between writers (the SQLite
+# FAQ: "file locking is broken on many network filesystem implementations"). Not virtiofs (a VM's view of its
+# host's disk) nor ocfs2/gfs2 (shared-disk filesystems with a real lock manager).
+NETWORK_FS_TYPES = frozenset({
+    "nfs", "nfs4", "cifs", "smb3", "smbfs", "ncpfs", "afs", "lustre", "gpfs", "ceph", "glusterfs", "beegfs",
+    "9p", "davfs", "orangefs", "pvfs2", "panfs", "wekafs", "quobyte",
+})
+# FUSE mounts are `fuse.<program>`: these programs serve remote or object storage
+NETWORK_FUSE_PROGRAMS = frozenset({
+    "sshfs", "s3fs", "gcsfuse", "goofys", "rclone", "blobfuse", "blobfuse2", "juicefs", "glusterfs",
+    "cephfs", "ceph-fuse", "lustre", "beegfs", "mountpoint-s3", "davfs", "efs",
+})
+
+
+class StorageError(ValueError):
+    """The storage cannot be used as asked; the message is one line naming `storage:` or PEFT_SEARCH_STORAGE."""
+
+
+def is_sqlite(storage: str) -> bool:
+    return storage == "sqlite" or storage.startswith("sqlite:")
 
 
 def storage_url(storage: str, run_dir: str) -> str:
     """The SQLAlchemy URL for the spec's `storage` value."""
     if storage == "sqlite":
         return f"sqlite:///{os.path.abspath(os.path.join(run_dir, SQLITE_FILE))}"
+    if storage.startswith("postgresql://"):
+        # SQLAlchemy >= 2.1 reads a bare postgresql:// as psycopg 3; the `postgres` extra installs psycopg2
+        return "postgresql+psycopg2://" + storage[len("postgresql://"):]
     return storage
 
 
+def _shown(storage: str, run_dir: str) -> str:
+    """The storage as messages name it: the user's URL (redacted), or the run directory's SQLite file."""
+    return redact_url(storage_url(storage, run_dir) if storage == "sqlite" else storage)
+
+
+def study_name(storage: str, search_name: str) -> str:
+    """The run directory's own SQLite file holds one study under a fixed name; a database named by URL may hold
+    the studies of many searches, so there each is named after its search (`name`), as optuna-dashboard shows."""
+    return STUDY_NAME if storage == "sqlite" else search_name
+
+
 def open_storage(storage: str, run_dir: str):
-    import optuna
+    """The Optuna RDBStorage (tables created on first use); StorageError, one line, if it cannot connect."""
+    import sqlalchemy.exc
+
+    from search.rdb_storage import PasswordlessPickleRDBStorage   # Ray Tune pickles it into RUN_DIR/ray
 
     url = storage_url(storage, run_dir)
-    # heartbeats let a later `resume` tell a trial whose driver died from one still running
-    return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180)
+    try:
+        # heartbeats let a later `resume` tell a trial whose driver died from one still running
+        return PasswordlessPickleRDBStorage(url, engine_kwargs=_engine_kwargs(url), heartbeat_interval=60,
+                                            grace_period=180)
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError) as exc:   # ImportError: no driver for the URL
+        raise StorageError(f"storage: cannot open {_shown(storage, run_dir)}: {_first_line(exc, url)}") from None
+
+
+def _engine_kwargs(url: str) -> dict:
+    if is_sqlite(url):
+        return {}
+    # pre_ping: a search holds its connections for hours, and servers drop idle ones
+    return {"connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}, "pool_pre_ping": True}
+
+
+def _first_line(exc: BaseException, url: str) -> str:
+    """The driver's own message (psycopg2: `connection to server ... failed: FATAL: password authentication
+    failed for user "x"`) on one line, without SQLAlchemy's SQL and background-link lines, and never the password."""
+    if isinstance(exc, ImportError):   # no driver for the URL
+        return f"{exc}; {INSTALL_HINT}"
+    reason = str(getattr(exc, "orig", None) or exc)
+    reason = " ".join(part.strip() for part in reason.splitlines() if part.strip()) or type(exc).__name__
+    password = url_password(url)
+    return reason.replace(password, REDACTED) if password else reason
 
 
 def redact_url(url: str) -> str:
     """`scheme://user:secret@host/...` -> `scheme://user:***@host/...`; other strings unchanged."""
-    return re.sub(r"(?<=://)([^:/@]*):([^@/]*)@", lambda m: f"{m.group(1)}:***@", url)
+    return re.sub(r"(?<=://)([^:/@]*):([^@/]*)@", lambda m: f"{m.group(1)}:{REDACTED}@", url)
+
+
+def url_password(url: str) -> Optional[str]:
+    match = re.search(r"(?<=://)[^:/@]*:([^@/]*)@", url)
+    return match.group(1) if match and match.group(1) else None
+
+
+def saved_storage(saved: str, environ: Mapping[str, str] = os.environ) -> str:
+    """The full storage of a search whose run directory saved `saved` (search.json: redacted).
+
+    PEFT_SEARCH_STORAGE wins when set (it may also reach the same database by another host name); without it a
+    redacted password is a StorageError that says what to set."""
+    if is_sqlite(saved):
+        return saved
+    full = environ.get(STORAGE_ENV)
+    if full:
+        return full
+    if url_password(saved) == REDACTED:
+        raise StorageError(f"storage: this search's study is in {saved}, whose password is not saved in the run "
+                           f"directory; set {STORAGE_ENV} to the full URL (postgresql://USER:PASSWORD@HOST/DB)")
+    return saved
+
+
+def check_storage(storage: str, run_dir: str, search_name: Optional[str] = None,
+                  mounts_path: str = "/proc/mounts") -> Optional[str]:
+    """One line saying why a new search cannot use `storage` in `run_dir`, or None. Run it before anything starts.
+
+    SQLite: its directory must not be on a network filesystem. A database URL: the server must accept the
+    credentials and, given `search_name`, must not hold a study of that name yet (two searches' trials would
+    mix in it). Reads only: no table is created, so `validate` may call it too."""
+    if is_sqlite(storage):
+        problem = sqlite_network_problem(storage, run_dir, mounts_path)
+        if problem or storage == "sqlite":   # the run directory's own file is new with the run directory
+            return problem
+        if not os.path.isfile(storage_url(storage, run_dir)[len("sqlite:///"):]):
+            return None   # connecting would create an empty file
+    return database_problem(storage, search_name)
+
+
+def database_problem(storage: str, search_name: Optional[str] = None) -> Optional[str]:
+    """Connect to the database URL `storage` once (no pool kept): why it cannot hold the study `search_name`,
+    or None."""
+    import sqlalchemy
+
+    url = storage_url(storage, "")
+    try:
+        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, **_engine_kwargs(url))
+        try:
+            with engine.connect() as connection:
+                taken = search_name is not None and _study_exists(connection, search_name)
+        finally:
+            engine.dispose()
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError) as exc:
+        return f"storage: cannot connect to {redact_url(storage)}: {_first_line(exc, url)}"
+    if taken:
+        return f"storage: {redact_url(storage)} already holds a study named {search_name!r} (another search); " \
+               f"choose another `name`"
+    return None
+
+
+def _study_exists(connection, name: str) -> bool:
+    import sqlalchemy
+
+    if not sqlalchemy.inspect(connection).has_table("studies"):   # Optuna's table: none before the first study
+        return False
+    query = sqlalchemy.text("SELECT 1 FROM studies WHERE study_name = :name")
+    return connection.execute(query, {"name": name}).first() is not None
+
+
+def sqlite_network_problem(storage: str, run_dir: str, mounts_path: str = "/proc/mounts") -> Optional[str]:
+    """The refusal line when the SQLite file of `storage` would lie on a network filesystem, else None."""
+    path = storage_url(storage, run_dir)[len("sqlite:///"):]
+    # symlinks resolved (a run directory linked into NFS is on NFS); the parts not made yet are kept as they are
+    directory = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    try:
+        with open(mounts_path, encoding="utf-8") as handle:
+            mounts = handle.read()
+    except OSError:  # no /proc (not Linux): nothing to go by
+        return None
+    fs_type = network_filesystem(directory, mounts)
+    if fs_type is None:
+        return None
+    where = run_dir if storage == "sqlite" else os.path.dirname(os.path.abspath(path))
+    return (f"storage: sqlite in {where} on a network filesystem ({fs_type}) is unsafe for concurrent writers "
+            f"(its file locking is unreliable there); use storage: postgresql://USER:PASSWORD@HOST/DB, or "
+            f"--runs-dir on a local disk")
+
+
+def network_filesystem(path: str, mounts: str) -> Optional[str]:
+    """The filesystem type holding absolute `path`, per a /proc/mounts text, if it is a network one; else None.
+
+    The mount whose point is the longest prefix of `path` holds it; of several at the same point the last
+    (the one mounted on top) counts."""
+    best_point, best_type = "", None
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point, fs_type = _unescape(fields[1]), fields[2]
+        if _within(path, point) and len(point) >= len(best_point):
+            best_point, best_type = point, fs_type
+    return best_type if best_type is not None and is_network_fs_type(best_type) else None
+
+
+def is_network_fs_type(fs_type: str) -> bool:
+    if fs_type.startswith("fuse."):
+        return fs_type[len("fuse."):] in NETWORK_FUSE_PROGRAMS
+    return fs_type in NETWORK_FS_TYPES or fs_type.startswith("nfs")
+
+
+def _within(path: str, point: str) -> bool:
+    return point == "/" or path == point or path.startswith(point.rstrip("/") + "/")
+
+
+def _unescape(field: str) -> str:
+    """/proc/mounts writes space, tab, newline and backslash in mount points as octal escapes (`\\040`)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
