@@ -45,6 +45,8 @@ FINISHED_STATES = ("COMPLETE", "PRUNED", "FAIL")
 # ample room for that and still keeps a 1,000-trial search under 1 GiB of growth on a small head node.
 # A real leak (a model, a dataset, a tokenizer or a Ray object kept per trial) is several MiB per trial.
 RSS_BOUND_KIB_PER_TRIAL = 1024.0
+# Fewer points than this and one allocation (a reply, a thread's stack, a malloc arena) decides the slope.
+MIN_SAMPLES_FOR_BOUND = 10
 KIB = 1024
 
 
@@ -193,7 +195,11 @@ def memory_figures(samples: List[Dict[str, float]], trials: int, start_kib: floa
     slope = slope_kib_per_trial(second_half)
     ray_slope = slope_kib_per_trial(second_half, "ray_kib")
     # from 10% on: Ray's and the libraries' one-off start-up allocations are behind, only per-trial growth is left
-    after_warmup = slope_kib_per_trial([s for s in samples if s["finished"] >= math.ceil(trials / 10)])
+    warm = [s for s in samples if s["finished"] >= math.ceil(trials / 10)]
+    after_warmup = slope_kib_per_trial(warm)
+    # judged on the second half; a run stopped before it, on what it has from 10% on; too few points: not at all
+    judged = slope if len(second_half) >= MIN_SAMPLES_FOR_BOUND else \
+        after_warmup if len(warm) >= MIN_SAMPLES_FOR_BOUND else None
     return {
         "rss_start_mib": round(start_kib / KIB, 1),
         "rss_after_10pct_mib": _mib(first_at(math.ceil(trials / 10))),
@@ -201,8 +207,7 @@ def memory_figures(samples: List[Dict[str, float]], trials: int, start_kib: floa
         "rss_growth_kib_per_trial_second_half": None if slope is None else round(slope, 1),
         "rss_growth_kib_per_trial_after_10pct": None if after_warmup is None else round(after_warmup, 1),
         "rss_bound_kib_per_trial": RSS_BOUND_KIB_PER_TRIAL,
-        # on the second half; a run stopped before it has only the slope from 10% on to judge by
-        "rss_within_bound": _below_bound(slope if slope is not None else after_warmup),
+        "rss_within_bound": _below_bound(judged),
         "ray_system_rss_end_mib": _mib(samples[-1]["ray_kib"] if samples else None),
         "ray_system_growth_kib_per_trial_second_half": None if ray_slope is None else round(ray_slope, 1),
         "samples": len(samples),

@@ -16,7 +16,6 @@ import os
 import pickle
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -336,14 +335,21 @@ def test_trials_csv_and_reports_hold_no_secret(secret_spec, tmp_path, monkeypatc
 @pytest.fixture
 def offline_wandb(monkeypatch, tmp_path):
     """W&B offline, with its own config and cache under tmp_path, and an API key in the environment."""
-    pytest.importorskip("wandb")
+    wandb = pytest.importorskip("wandb")
     for key in list(os.environ):
         if key.startswith("WANDB_"):
             monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("WANDB_API_KEY", ENV_API_KEY)
-    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")   # unreachable, if anything tried
+    # as tests/search/test_tracking.py sets it up: W&B's service process outlives a test, with this environment
+    for key, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONSOLE": "off",
+                       "WANDB_DISABLE_GIT": "true", "WANDB__DISABLE_STATS": "true",
+                       "WANDB_BASE_URL": "http://127.0.0.1:9"}.items():   # unreachable, if anything tried
+        monkeypatch.setenv(key, value)
     for name in ("CONFIG", "CACHE", "DATA"):
         monkeypatch.setenv(f"WANDB_{name}_DIR", str(tmp_path / f"wandb-{name.lower()}"))
+    yield
+    # W&B keeps process-wide state (its settings, with the key, and its service) that later tests would inherit
+    wandb.teardown()
 
 
 def test_wandb_trial_runs_and_summary_hold_no_key(secret_spec, tmp_path, offline_wandb):
