@@ -8,6 +8,7 @@ worker instead, so the cores are not oversubscribed.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Optional
@@ -53,22 +54,56 @@ def connect(address: Optional[str], concurrency: int, cpus_per_trial: float) -> 
     gcs_port = free_port()
     os.environ["RAY_GCS_SERVER_PORT"] = str(gcs_port)
     try:
-        ray.init(
-            num_cpus=logical_cpus(concurrency, cpus_per_trial),
-            # The dashboard serves Ray's State API, which Ray Train's PlacementGroupCleaner needs to free
-            # the CPUs of a trial that ASHA stopped; without it those CPUs leak until no trial can start.
-            # Bound to loopback so nothing listens beyond this machine.
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            _node_ip_address="127.0.0.1",
-            runtime_env={"env_vars": {**WORKER_ENV, "RAY_ADDRESS": f"127.0.0.1:{gcs_port}"}},
-            configure_logging=True,
-            logging_level="WARNING",
-            log_to_driver=True,
-        )
+        with loopback_node():
+            ray.init(
+                num_cpus=logical_cpus(concurrency, cpus_per_trial),
+                # The dashboard serves Ray's State API, which Ray Train's PlacementGroupCleaner needs to free
+                # the CPUs of a trial that ASHA stopped; without it those CPUs leak until no trial can start.
+                # Bound to loopback so nothing listens beyond this machine.
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
+                _node_ip_address="127.0.0.1",
+                runtime_env={"env_vars": {**WORKER_ENV, **LOOPBACK_ENV, "RAY_ADDRESS": f"127.0.0.1:{gcs_port}"}},
+                configure_logging=True,
+                logging_level="WARNING",
+                log_to_driver=True,
+            )
     finally:
         del os.environ["RAY_GCS_SERVER_PORT"]
     return True
+
+
+# Ray's switch for "a single machine, not a cluster node" (its name is historical: the default on macOS and
+# Windows). Off, Ray takes 127.0.0.1 as the node's address, and every server it starts (GCS, raylet, workers'
+# gRPC, dashboard agent, runtime-env agent) binds to loopback only. On (the Linux default), ray.init turns
+# `_node_ip_address="127.0.0.1"` into the machine's routable address and those servers listen on every
+# interface (seen: `::` and 0.0.0.0), reachable from the network.
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+@contextlib.contextmanager
+def loopback_node():
+    """While the embedded cluster starts: Ray's node address is 127.0.0.1, so all its servers bind to loopback.
+
+    Ray reads the switch once, when `ray` is first imported (here it usually is already, by Ray Tune), so the
+    imported constant is set too; both are put back afterwards, so that a later `ray.init(address=...)` to a
+    real cluster in this process finds its routable address as usual. The processes started meanwhile keep
+    the environment they were started with (and WORKER_ENV passes it to the workers)."""
+    from ray._private import ray_constants
+
+    saved_env = {key: os.environ.get(key) for key in LOOPBACK_ENV}
+    saved_flag = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ.update(LOOPBACK_ENV)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def free_port() -> int:

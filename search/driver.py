@@ -17,7 +17,7 @@ from search.rundir import prepare_run_dir, write_run_files
 from search.progress import ProgressLines
 from search.schedulers import make_scheduler
 from search.searcher import PeftOptunaSearch, make_sampler
-from search.storage import StorageError, open_storage, redact_url, study_name
+from search.storage import StorageError, open_storage, study_name
 from search.tracking import log_tables
 from search.trial import tune_trial
 
@@ -97,8 +97,6 @@ def _fit(spec, run_dir: str, todo: ResumePlan) -> None:
 
     from search.refine import Refiner
 
-    storage = open_storage(spec.storage, run_dir)   # the only holder of the database password from here on
-    spec = _without_storage_password(spec)
     metric, mode = spec.objective.metric, spec.objective.mode
     if not isinstance(metric, str):   # several objectives: Ray's OptunaSearch wants lists
         metric, mode = list(metric), list(mode)
@@ -109,7 +107,8 @@ def _fit(spec, run_dir: str, todo: ResumePlan) -> None:
         # a resumed driver's sampler must not replay the draws of the first driver's (same seed, same draws)
         sampler=make_sampler(spec.search.algorithm, spec.search.seed + todo.asked,
                              grid=spec.grid() if spec.search.algorithm == "grid" else None),
-        study_name=study_name(spec.storage, spec.name), storage=storage, seed=spec.search.seed,
+        study_name=study_name(spec.storage, spec.name), storage=open_storage(spec.storage, run_dir),
+        seed=spec.search.seed,
         decode=spec.decode,
         refiner=Refiner.from_spec(spec),   # None unless search.refine_every > 0
         # trial 0 tries the published defaults (rank 8, alpha 2r, lr 2e-4, ...) where they lie in the space
@@ -140,12 +139,3 @@ def _tune_name(run_dir: str) -> str:
         name = f"tune-{count}"
     return name
 
-
-def _without_storage_password(spec):
-    """The spec as Ray gets it: in the trials' parameters and, through the searcher's `decode`, in what Tune
-    pickles into RUN_DIR/ray (tuner.pkl, searcher-state-*.pkl). Nothing there opens the study, so the storage
-    URL goes redacted."""
-    from dataclasses import replace
-
-    redacted = redact_url(spec.storage)
-    return spec if redacted == spec.storage else replace(spec, storage=redacted)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence
 
 import optuna
@@ -17,6 +18,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState
 from ray.tune.search.optuna import OptunaSearch
 
+from search.redact import secret_free_dumps
 from search.results import SYSTEM_COLUMNS, is_number
 
 if TYPE_CHECKING:
@@ -33,6 +35,7 @@ SYSTEM_KEYS = (*SYSTEM_COLUMNS, "trainable_params", ROUNDS_TOTAL_KEY, "resumed_a
 # The trainer's failure diagnostics (any JSON value) and why it stopped before its planned steps.
 DIAG_PREFIX = "diag_"
 STOPPED_EARLY_KEY = "stopped_early"
+SECRET_FREE_STATE = "secret_free_state"   # the one key of a pickled searcher's state
 
 
 def _sampler_tpe(seed: int) -> optuna.samplers.BaseSampler:
@@ -180,6 +183,19 @@ class PeftOptunaSearch(OptunaSearch):
     def _storage_ids(self, numbers: Sequence[int]) -> list:
         ids = {trial.number: trial._trial_id for trial in self._ot_study.get_trials(deepcopy=False)}
         return [ids[number] for number in numbers]
+
+    # Ray Tune pickles the searcher into RUN_DIR/ray/tune/ (tuner.pkl, searcher-state-*.pkl): both go through
+    # secret_free_dumps, so neither holds the storage's password nor the W&B API key (search/redact.py).
+    def __getstate__(self) -> Dict[str, bytes]:
+        return {SECRET_FREE_STATE: secret_free_dumps(self.__dict__.copy())}
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(pickle.loads(state[SECRET_FREE_STATE]) if SECRET_FREE_STATE in state else state)
+
+    def save(self, checkpoint_path: str) -> None:
+        """What OptunaSearch.save writes (the searcher's attributes, read back by its `restore`), secret-free."""
+        with open(checkpoint_path, "wb") as handle:
+            handle.write(secret_free_dumps(self.__dict__.copy()))
 
     def _name_objectives(self) -> None:
         """Store the metric names with the study: optuna-dashboard then shows `eval_accuracy`, not "Objective 0"."""

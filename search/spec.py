@@ -44,7 +44,7 @@ class SearchSpec:
     objective: ObjectiveSection = field(default_factory=ObjectiveSection)
     search: SearchSection = field(default_factory=SearchSection)
     resources: ResourcesSection = field(default_factory=ResourcesSection)
-    storage: str = "sqlite"
+    storage: str = field(default="sqlite", repr=False)   # a database URL holds its password
     tracking: TrackingSection = field(default_factory=TrackingSection)
     # what inspect_model found (None when the model was not inspected); not part of the spec's identity
     model_shape: Any = field(default=None, compare=False, repr=False)

@@ -60,8 +60,8 @@ def unknown_key(path: str, key: Any, known: Iterable[str], hint: str = "") -> st
 def rule(default: Any = MISSING, type: str = "str", *, low: Optional[float] = None, low_open: bool = False,
          high: Optional[float] = None, high_open: bool = False, choices: Optional[Sequence[Any]] = None,
          pattern: Optional[str] = None, nullable: bool = False, param: Optional[Param] = None,
-         section: Optional[type] = None):
-    """A dataclass field with its checking rules.
+         section: Optional[type] = None, repr: bool = True):
+    """A dataclass field with its checking rules; `repr=False` keeps a secret out of the object's repr.
 
     `type`: int | float | bool | str | names (a name, or several as a tuple) | section
     (a nested Section class, given as `section`; YAML true/false sets its `enabled` field).
@@ -70,12 +70,12 @@ def rule(default: Any = MISSING, type: str = "str", *, low: Optional[float] = No
     meta = dict(type=type, low=low, low_open=low_open, high=high, high_open=high_open, choices=choices,
                 pattern=pattern, nullable=nullable, param=param, section=section)
     if type == "section":
-        return field(default_factory=section, metadata=meta)
+        return field(default_factory=section, metadata=meta, repr=repr)
     if default is MISSING:
-        return field(metadata=meta)
+        return field(metadata=meta, repr=repr)
     if isinstance(default, (list, dict, set)):
         raise TypeError("use an immutable default (tuple) for spec fields")
-    return field(default=default, metadata=meta)
+    return field(default=default, metadata=meta, repr=repr)
 
 
 def coerce(value: Any, meta: Dict[str, Any]) -> Any:

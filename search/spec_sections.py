@@ -223,7 +223,7 @@ class TrackingSection(Section):
     project: Optional[str] = rule(None, nullable=True)    # added: W&B project (default: the spec's name)
     entity: Optional[str] = rule(None, nullable=True)     # added
     # added, discouraged: prefer the WANDB_API_KEY environment variable; redacted in spec.yaml
-    api_key: Optional[str] = rule(None, nullable=True)
+    api_key: Optional[str] = rule(None, nullable=True, repr=False)
 
 
 def name_problems(name: Any) -> List[str]:

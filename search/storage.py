@@ -1,8 +1,8 @@
 """Where the Optuna study lives: a SQLite file in the run directory by default, PostgreSQL by URL.
 
 The password of a database URL is kept in the driver's memory only: the run directory holds the redacted
-URL (spec.yaml, search.json), and later commands (`peft-search report`) take the full URL from the
-PEFT_SEARCH_STORAGE environment variable.
+URL (spec.yaml, search.json, and Ray Tune's pickles: search/redact.py), and later commands (`peft-search report`,
+`resume`) take the full URL from the PEFT_SEARCH_STORAGE environment variable (`saved_storage`).
 """
 from __future__ import annotations
 
@@ -63,15 +63,14 @@ def study_name(storage: str, search_name: str) -> str:
 
 def open_storage(storage: str, run_dir: str):
     """The Optuna RDBStorage (tables created on first use); StorageError, one line, if it cannot connect."""
+    import optuna
     import sqlalchemy.exc
-
-    from search.rdb_storage import PasswordlessPickleRDBStorage   # Ray Tune pickles it into RUN_DIR/ray
 
     url = storage_url(storage, run_dir)
     try:
         # heartbeats let a later `resume` tell a trial whose driver died from one still running
-        return PasswordlessPickleRDBStorage(url, engine_kwargs=_engine_kwargs(url), heartbeat_interval=60,
-                                            grace_period=180)
+        return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url), heartbeat_interval=60,
+                                          grace_period=180)
     except (sqlalchemy.exc.SQLAlchemyError, ImportError) as exc:   # ImportError: no driver for the URL
         raise StorageError(f"storage: cannot open {_shown(storage, run_dir)}: {_first_line(exc, url)}") from None
 
@@ -94,14 +93,26 @@ def _first_line(exc: BaseException, url: str) -> str:
     return reason.replace(password, REDACTED) if password else reason
 
 
+# A password in a URL: `user:PASSWORD@` (up to the last `@`: SQLAlchemy accepts a `/` in it) or a query parameter
+# (`?password=PASSWORD`, which libpq takes too).
+_USERINFO_PASSWORD = re.compile(r"(?<=://)([^:/@]*):(.*)@")
+_QUERY_PASSWORD = re.compile(r"(?i)([?&](?:password|passwd|pwd)=)([^&#]*)")
+
+
 def redact_url(url: str) -> str:
-    """`scheme://user:secret@host/...` -> `scheme://user:***@host/...`; other strings unchanged."""
-    return re.sub(r"(?<=://)([^:/@]*):([^@/]*)@", lambda m: f"{m.group(1)}:{REDACTED}@", url)
+    """`scheme://user:secret@host/db?password=secret` -> `scheme://user:***@host/db?password=***`; other strings
+    unchanged."""
+    url = _USERINFO_PASSWORD.sub(lambda m: f"{m.group(1)}:{REDACTED}@", url, count=1)
+    return _QUERY_PASSWORD.sub(lambda m: m.group(1) + REDACTED, url)
 
 
 def url_password(url: str) -> Optional[str]:
-    match = re.search(r"(?<=://)[^:/@]*:([^@/]*)@", url)
-    return match.group(1) if match and match.group(1) else None
+    """The password `url` holds (the user part's, else the query's), or None."""
+    for pattern in (_USERINFO_PASSWORD, _QUERY_PASSWORD):
+        match = pattern.search(url)
+        if match and match.group(2):
+            return match.group(2)
+    return None
 
 
 def saved_storage(saved: str, environ: Mapping[str, str] = os.environ) -> str:

@@ -12,8 +12,8 @@ After each eval round every rank calls `save_round`; OUTPUT_DIR/checkpoint/ then
 
 `load_round` (every rank) restores the engine and returns state.json's contents; `restore_rng` then sets
 this rank's RNG (last: reading the data up to where the run stopped draws from it, see recipe.resume).
-Files are read back with torch.load(weights_only=True) (DeepSpeed reads its own), so a checkpoint cannot run
-code when it is loaded.
+Files are read back with torch.load(weights_only=True) (DeepSpeed's too: trainers.engine.weights_only_load
+replaces its loader, which would unpickle anything), so a checkpoint cannot run code when it is loaded.
 """
 from __future__ import annotations
 

@@ -232,10 +232,30 @@ class DeepSpeedEngine:
         self.model.save_checkpoint(directory, tag=DEEPSPEED_TAG, save_latest=False, exclude_frozen_parameters=True)
 
     def load_state(self, directory: str) -> None:
+        # DeepSpeed's checkpoint engine reads its files with torch.load(weights_only=False), which runs whatever
+        # code a planted file holds; this engine's reads go through the weights-only loader instead.
+        self.model.checkpoint_engine.load = weights_only_load
         # not strict: the checkpoint holds the trained parameters only, the base comes from its own files
         path, _ = self.model.load_checkpoint(directory, tag=DEEPSPEED_TAG, load_module_strict=False)
         if path is None:
             raise FileNotFoundError(f"{directory}: no DeepSpeed checkpoint ({DEEPSPEED_TAG}/)")
+
+
+def weights_only_load(path: str, map_location: Any = None) -> Any:
+    """torch.load(weights_only=True) that also accepts the few DeepSpeed classes its checkpoints hold.
+
+    ZeRO optimizer states pickle a ZeroStageEnum, the loss scaler and, at stage 1/2, fragment addresses: plain
+    values, rebuilt without running code, so allowing them keeps a checkpoint from executing anything on load."""
+    with torch.serialization.safe_globals(_deepspeed_checkpoint_classes()):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def _deepspeed_checkpoint_classes() -> List[type]:
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
 def import_deepspeed():
