@@ -115,9 +115,14 @@ class PlainEngine:
         self.last_grad_norm: Optional[torch.Tensor] = None
 
     def backward(self, loss: torch.Tensor) -> None:
-        # Mean over the accumulated micro-batches, as DeepSpeed does.
+        self.backward_term(loss).backward()
+
+    def backward_term(self, loss: torch.Tensor) -> torch.Tensor:
+        """What `backward` differentiates: the loss over the accumulated micro-batches (their mean, as
+        DeepSpeed takes), loss-scaled under fp16. Packed trials (trainers/packed.py) add their members'
+        terms and differentiate the sum once; each member's parameters get only its own term's gradient."""
         loss = loss / self.accumulation
-        (self.scaler.scale(loss) if self.scaler else loss).backward()
+        return self.scaler.scale(loss) if self.scaler else loss
 
     def step(self) -> bool:
         self.micro_steps += 1
