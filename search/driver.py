@@ -16,6 +16,7 @@ from search.resume import DriverLock, ResumePlan, plan, record_or_check
 from search.rundir import prepare_run_dir, write_run_files
 from search.progress import ProgressLines
 from search.schedulers import make_scheduler
+from search.pool import CancelEndedTrials, start_pool
 from search.searcher import PeftOptunaSearch, make_sampler
 from search.storage import StorageError, open_storage, study_name
 from search.tracking import log_tables
@@ -93,6 +94,7 @@ def _sensitivity_tables(spec, study, rows) -> dict:
 
 
 def _fit(spec, run_dir: str, todo: ResumePlan) -> None:
+    import ray
     from ray import tune
 
     from search.refine import Refiner
@@ -118,17 +120,24 @@ def _fit(spec, run_dir: str, todo: ResumePlan) -> None:
     scheduler = make_scheduler(spec.search.scheduler, metric, mode, spec.max_rounds, spec.search.grace_rounds,
                                spec.search.reduction_factor)
     threads = local.threads_per_worker(spec.search.concurrency, spec.resources.workers_per_trial)
-    trainable = tune.with_parameters(tune_trial, spec=spec, run_dir=run_dir, threads_per_worker=threads)
+    tune_name = _tune_name(run_dir)
+    pool = start_pool(spec, run_dir, tune_name)   # worker groups that outlive trials (search/pool.py)
+    trainable = tune.with_parameters(tune_trial, spec=spec, run_dir=run_dir, threads_per_worker=threads, pool=pool)
     tuner = tune.Tuner(
-        # the trial function only waits on its worker group, which holds the real resources
+        # the trial function only waits on its worker group, which holds the real resources; its actor
+        # is reused for the next trial (one process start less per trial)
         tune.with_resources(trainable, {"cpu": 0.01}),
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=todo.to_run,
-                                    max_concurrent_trials=spec.search.concurrency, reuse_actors=False),
-        run_config=tune.RunConfig(name=_tune_name(run_dir), storage_path=os.path.join(run_dir, "ray"), verbose=0,
+                                    max_concurrent_trials=spec.search.concurrency, reuse_actors=True),
+        run_config=tune.RunConfig(name=tune_name, storage_path=os.path.join(run_dir, "ray"), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=0),
-                                  callbacks=[ProgressLines(metric, mode, todo.to_run)]),
+                                  callbacks=[ProgressLines(metric, mode, todo.to_run), CancelEndedTrials(pool)]),
     )
-    tuner.fit()
+    try:
+        tuner.fit()
+    finally:
+        ray.kill(pool)   # its worker groups go with it
+
 
 
 def _tune_name(run_dir: str) -> str:

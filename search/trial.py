@@ -1,8 +1,8 @@
-"""One trial as Ray runs it: a Tune function that launches a Ray Train worker group.
+"""One trial as Ray runs it: a Tune function whose trial runs on a persistent Ray Train worker group.
 
-Every worker runs the same trainer recipe (trainers/recipe.py); the recipe reports once per eval
-round on every rank, and rank 0's report travels to Tune (and so to ASHA and Optuna) through
-`TuneReportCallback`. A failure inside the workers comes back as one short reason string.
+Every worker runs the same trainer recipe (trainers/recipe.py, through search/pool.py); the recipe reports
+once per eval round on every rank, and rank 0's report travels through the pool to this function and on
+to Tune (and so to ASHA and Optuna). A failure inside the workers comes back as one short reason string.
 """
 from __future__ import annotations
 
@@ -34,46 +34,15 @@ def write_settings(settings, directory: str) -> str:
     return path
 
 
-def worker_loop(config: Dict[str, Any]) -> None:
-    """Runs on every Ray Train worker: the trainer recipe with reports going to Ray Train.
-
-    Rank 0 also logs each round to the trial's W&B run (every rank reports to Ray Train, the same
-    number of times, or the group would hang)."""
-    import ray.train
-
-    from search.tracking import start_trial
-    from trainers.checkpoint import has_checkpoint
-    from trainers.recipe import run_trial
-
-    tracker = None
-    if ray.train.get_context().get_world_rank() == 0:
-        tracker = start_trial(config["run_dir"], config["search_name"], config["number"], config["params"],
-                              config["tracking"])
-
-    def report(metrics: dict) -> None:
-        if tracker is not None:
-            tracker.log_round(metrics)
-        ray.train.report(metrics)
-
-    state = "FAIL"
-    output_dir = config["output_dir"]
-    try:
-        # a retried trial, or one whose driver died, goes on from its last finished round
-        run_trial(config["settings"], report, output_dir, resume_from=output_dir if has_checkpoint(output_dir) else None)
-        state = "COMPLETE"
-    finally:  # a trial that ASHA stops is killed: its W&B run stays open and `wandb sync` closes it
-        if tracker is not None:
-            tracker.finish({}, state)
-
-
-def tune_trial(config: Dict[str, Any], spec, run_dir: str, threads_per_worker: int) -> None:
-    """The Tune trainable: builds the trial's settings and runs them on a worker group."""
+def tune_trial(config: Dict[str, Any], spec, run_dir: str, threads_per_worker: int, pool) -> None:
+    """The Tune trainable: builds the trial's settings, has a worker group of `pool` (search/pool.py) run
+    them, and passes its reports on to Tune."""
     from dataclasses import replace
 
+    import ray
     from ray import tune
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from search.pool import END
 
     number = config[TRIAL_NUMBER_KEY]
     params = {k: v for k, v in config.items() if k != TRIAL_NUMBER_KEY}
@@ -82,32 +51,30 @@ def tune_trial(config: Dict[str, Any], spec, run_dir: str, threads_per_worker: i
     output_dir = trial_dir(run_dir, number)
     os.makedirs(output_dir, exist_ok=True)
     write_settings(settings, output_dir)  # best/ copies it; the report's reproduce command reads it
-    resources = spec.resources
-    loop_config = {"settings": settings, "output_dir": output_dir, "run_dir": run_dir, "number": number,
-                   "search_name": spec.name, "params": spec.decode(params), "tracking": spec.tracking}
-    scaling = ScalingConfig(
-        num_workers=resources.workers_per_trial,
-        use_gpu=resources.gpus_per_worker > 0,
-        resources_per_worker={"CPU": resources.cpus_per_worker,
-                              **({"GPU": resources.gpus_per_worker} if resources.gpus_per_worker else {})},
-    )
+    job = {"settings": settings, "output_dir": output_dir, "run_dir": run_dir, "number": number,
+           "search_name": spec.name, "params": spec.decode(params), "tracking": spec.tracking}
     retries = spec.search.max_failures
     for attempt in range(retries + 1):
-        # a new worker group per attempt: the one whose process died is gone
-        name = f"trial_{number:04d}" + (f"_retry{attempt}" if attempt else "")
-        trainer = TorchTrainer(worker_loop, train_loop_config=loop_config, scaling_config=scaling,
-                               run_config=RunConfig(name=name, storage_path=os.path.join(run_dir, "ray"),
-                                                    callbacks=[TuneReportCallback()]))
+        ray.get(pool.submit.remote(number, job))
+        over = False
         try:
-            trainer.fit()
+            while True:
+                kind, payload = ray.get(pool.next_report.remote(number))
+                if kind == END:
+                    over = True
+                    break
+                tune.report(payload)   # raises SystemExit when Tune stops the trial
+        finally:
+            if not over:   # stopped by Tune (or this function failed): the group moves on
+                pool.cancel.remote(number)
+        reason = payload
+        if reason is None:
             return
-        except Exception as exc:  # the worker's exception arrives wrapped; keep its one-line reason
-            reason = failure_reason(exc)
-            if attempt == retries or not worker_lost(reason):
-                reason = reason if attempt == 0 else f"{reason} (after {attempt} retries)"
-                tune.report({FAIL_REASON_KEY: reason})
-                raise RuntimeError(reason) from None
-            print(f"trial {number}: {reason}; retrying from its last checkpoint ({attempt + 1}/{retries})", flush=True)
+        if attempt == retries or not worker_lost(reason):
+            reason = reason if attempt == 0 else f"{reason} (after {attempt} retries)"
+            tune.report({FAIL_REASON_KEY: reason})
+            raise RuntimeError(reason)
+        print(f"trial {number}: {reason}; retrying from its last checkpoint ({attempt + 1}/{retries})", flush=True)
 
 
 # How Ray reports a worker process that died under a trial (killed, out of the node, node lost): worth a

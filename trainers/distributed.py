@@ -63,3 +63,12 @@ def all_reduce(values: Sequence[float], op: str = "sum") -> List[float]:
 def barrier() -> None:
     if _initialized():
         dist.barrier()
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` (picklable) on every rank."""
+    if not _initialized() or dist.get_world_size() == 1:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]

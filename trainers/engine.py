@@ -115,9 +115,14 @@ class PlainEngine:
         self.last_grad_norm: Optional[torch.Tensor] = None
 
     def backward(self, loss: torch.Tensor) -> None:
-        # Mean over the accumulated micro-batches, as DeepSpeed does.
+        self.backward_term(loss).backward()
+
+    def backward_term(self, loss: torch.Tensor) -> torch.Tensor:
+        """What `backward` differentiates: the loss over the accumulated micro-batches (their mean, as
+        DeepSpeed takes), loss-scaled under fp16. Packed trials (trainers/packed.py) add their members'
+        terms and differentiate the sum once; each member's parameters get only its own term's gradient."""
         loss = loss / self.accumulation
-        (self.scaler.scale(loss) if self.scaler else loss).backward()
+        return self.scaler.scale(loss) if self.scaler else loss
 
     def step(self) -> bool:
         self.micro_steps += 1
@@ -196,6 +201,14 @@ class DeepSpeedEngine:
 
         deepspeed = import_deepspeed()
         self.config = deepspeed_config(training, engine, precision, dist.get_world_size())
+        if engine.zero_stage == 3 and precision != "fp32":
+            # ZeRO-3 flattens the trainable parameters into one buffer of one dtype, but PEFT keeps the
+            # adapter in fp32 beside a bf16 classification head (seen on an H100). DeepSpeed keeps fp32
+            # master copies of half-precision parameters itself, so nothing is lost by casting them.
+            half = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+            for param in model.parameters():
+                if param.requires_grad:
+                    param.data = param.data.to(half)
         optimizer, scheduler = build_optimizer(model, training, total_steps)
         self._trainable = [p for p in model.parameters() if p.requires_grad]
         self.zero_stage = engine.zero_stage

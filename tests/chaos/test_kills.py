@@ -10,6 +10,7 @@ draws new kill points; the counts are printed), e.g. for the issue note:
 import csv
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -166,16 +167,23 @@ def test_a_killed_trial_worker_retries_from_its_checkpoint(tmp_path, inputs):
 
     def a_worker_mid_trial():
         port = recorded_port(run_dir)
-        if port is None or not _checkpointed_rounds(run_dir):
+        checkpointed = _checkpointed_rounds(run_dir)
+        if port is None or not set(checkpointed) - set(_finished(run_dir)):
             return False
         killed.extend(processes_of(port, name="ray::RayTrainWorker")[:1])
         return bool(killed)
 
     assert _wait_for(a_worker_mid_trial, process)
+    checkpointed, finished = _checkpointed_rounds(run_dir), _finished(run_dir)
     os.kill(killed[0], signal.SIGKILL)
     assert process.wait(timeout=900) == 0, log.read_text()[-4000:]
     _assert_all_accounted_for(run_dir, {})
     text = log.read_text()
-    assert "retrying from its last checkpoint" in text, text[-4000:]
+    retried = {int(n) for n in re.findall(r"trial (\d+): .*; retrying from its last checkpoint", text)}
+    assert retried, text[-4000:]
     trials = _study(run_dir).get_trials(deepcopy=False)
-    assert any(t.user_attrs.get("resumed_after_round") for t in trials)
+    # the trial the killed worker ran went on from the round it had checkpointed (if it had one by then)
+    for number in retried:
+        if number in checkpointed and number not in finished and checkpointed[number] < 3:
+            assert trials[number].user_attrs.get("resumed_after_round", 0) >= checkpointed[number], \
+                (number, checkpointed, trials[number].user_attrs)

@@ -1,0 +1,269 @@
+"""Persistent trial workers: Ray Train worker groups that outlive trials and keep the base model loaded.
+
+A Ray Train worker group started per trial costs tens of seconds on a small machine (shared/anchors/
+naive_tune.py here: 35 s a trial, 0.3 s of it training): processes, the torch.distributed group, imports,
+the base model read from disk. Here a search starts at most `concurrency` groups, each one TorchTrainer
+whose workers loop over trials (`serve_trials`): every trial gets a fresh adapter, optimizer, schedule and
+data on the base its group loaded once (trainers/recipe.run_trial's lent base).
+
+    Tune trial function --submit / next_report / cancel--> TrialPool actor <--take / put_report / finish-- rank 0
+                                                            (a mailbox a trial)              (of each group)
+
+A trial's reports go rank 0 -> pool -> trial function -> tune.report. Rank 0 waits at each report until the
+trial function asks for the next one (Tune let the trial go on) or cancels it (ASHA stopped it), so a
+stopped trial trains no further. A group whose worker dies ends its TorchTrainer; the trial it ran ends
+with the reason, and search/trial.py runs it again from its checkpoint on a group that works.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import queue
+import threading
+from typing import Any, Dict, Optional, Tuple
+
+from ray.tune import Callback
+
+from search.searcher import TRIAL_NUMBER_KEY
+
+REPORT, END = "report", "end"
+GO_ON, STOP = "go on", "stop"
+
+
+class TrialStopped(Exception):
+    """Tune stopped the trial (ASHA): the recipe cleans up and the group takes the next one."""
+
+
+class _Mailbox:
+    def __init__(self):
+        self.reports: queue.Queue = queue.Queue()     # (REPORT, metrics) ... then (END, error or None)
+        self.decisions: queue.Queue = queue.Queue()   # GO_ON / STOP, one per report
+        self.owed = False                             # a report was handed out and awaits its decision
+
+
+class TrialPool:
+    """Hands trials to worker groups and carries their reports; a threaded Ray actor (see `start_pool`).
+
+    Its methods block (a group waiting for a trial, a trial waiting for a report), each on its own thread."""
+
+    def __init__(self, slots: int, scaling, storage_path: str, name: str):
+        self.slots, self.scaling, self.storage_path, self.name = slots, scaling, storage_path, name
+        self.jobs: queue.Queue = queue.Queue()           # (number, job), or None: a group may stop
+        self.mailboxes: Dict[int, _Mailbox] = {}         # trials submitted and not yet ended
+        self.groups: Dict[int, Optional[int]] = {}       # live group -> the trial it runs (None: waiting)
+        self.started = 0
+        self.lock = threading.Lock()
+
+    # --- the Tune trial function's side
+    def submit(self, number: int, job: Dict[str, Any]) -> None:
+        with self.lock:
+            self.mailboxes[number] = _Mailbox()
+            # a group per trial that wants one, up to `slots`: groups are started only when needed
+            while len(self.groups) < min(self.slots, len(self.mailboxes)):
+                self._start_group()
+        self.jobs.put((number, job))
+
+    def next_report(self, number: int) -> Tuple[str, Any]:
+        """(REPORT, metrics) or, once the trial is over, (END, its failure reason or None)."""
+        box = self.mailboxes[number]
+        if box.owed:
+            box.decisions.put(GO_ON)   # asking for the next report means Tune took the last one and goes on
+        kind, payload = box.reports.get()
+        box.owed = kind == REPORT
+        if kind == END:
+            with self.lock:
+                self.mailboxes.pop(number, None)
+        return kind, payload
+
+    def cancel(self, number: int) -> None:
+        """Tune stopped the trial (or it is over): rank 0 stops at its next report. Safe to call twice."""
+        with self.lock:
+            box = self.mailboxes.pop(number, None)
+        if box is not None:
+            box.decisions.put(STOP)
+
+    # --- rank 0 of each group
+    def take(self, group: int) -> Optional[Dict[str, Any]]:
+        """The next trial for `group`, or None when the search is over."""
+        while True:
+            item = self.jobs.get()
+            if item is None:
+                return None
+            number, job = item
+            with self.lock:
+                if number in self.mailboxes:   # not cancelled while it waited
+                    self.groups[group] = number
+                    return job
+
+    def put_report(self, number: int, metrics: Dict[str, Any]) -> bool:
+        """Hand a round's metrics to the trial; True when the trial must stop here."""
+        box = self.mailboxes.get(number)
+        if box is None:
+            return True
+        box.reports.put((REPORT, metrics))
+        return box.decisions.get() == STOP
+
+    def finish(self, group: int, number: int, error: Optional[str]) -> None:
+        with self.lock:
+            if self.groups.get(group) == number:
+                self.groups[group] = None
+        self._end(number, error)
+
+    # --- the driver
+    def close(self) -> None:
+        for _ in range(len(self.groups)):
+            self.jobs.put(None)
+
+    def live_groups(self) -> int:
+        return len(self.groups)
+
+    def _end(self, number: int, error: Optional[str]) -> None:
+        box = self.mailboxes.get(number)
+        if box is not None:
+            box.reports.put((END, error))
+
+    def _start_group(self) -> None:
+        group, self.started = self.started, self.started + 1
+        self.groups[group] = None
+        threading.Thread(target=self._run_group, args=(group,), name=f"group-{group}", daemon=True).start()
+
+    def _run_group(self, group: int) -> None:
+        import ray
+        from ray.train import RunConfig
+        from ray.train.torch import TorchTrainer
+
+        from search.trial import failure_reason
+
+        error = None
+        try:
+            TorchTrainer(serve_trials, train_loop_config={"pool": ray.get_runtime_context().current_actor,
+                                                          "group": group},
+                         scaling_config=self.scaling,
+                         run_config=RunConfig(name=f"{self.name}-group{group}", storage_path=self.storage_path)).fit()
+        except Exception as exc:   # a worker died (or the group could not start): its trial ends with why
+            error = failure_reason(exc)
+        with self.lock:
+            number = self.groups.pop(group, None)
+        if number is not None:
+            self._end(number, error or "its worker group ended while it ran")
+
+
+class CancelEndedTrials(Callback):
+    """A trial Tune ended is cancelled in the pool too, so that no group waits on it (the trial function
+    does this itself, unless its process was killed)."""
+
+    def __init__(self, pool):
+        self.pool = pool
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.pool.cancel.remote(trial.config[TRIAL_NUMBER_KEY])
+
+    on_trial_error = on_trial_complete
+
+
+def start_pool(spec, run_dir: str, name: str):
+    """The search's TrialPool actor (it lives as long as the driver's Ray job or until `ray.kill`); its
+    groups' Ray Train runs are `name`-group0, -group1, ... in RUN_DIR/ray."""
+    import ray
+    from ray.train import ScalingConfig
+
+    resources = spec.resources
+    scaling = ScalingConfig(
+        num_workers=resources.workers_per_trial,
+        use_gpu=resources.gpus_per_worker > 0,
+        resources_per_worker={"CPU": resources.cpus_per_worker,
+                              **({"GPU": resources.gpus_per_worker} if resources.gpus_per_worker else {})},
+    )
+    slots = spec.search.concurrency
+    # threads: each group's rank 0 and each trial function wait inside the actor, plus short calls
+    actor = ray.remote(TrialPool).options(num_cpus=0, max_concurrency=4 * slots + 8)
+    return actor.remote(slots, scaling, os.path.join(run_dir, "ray"), name)
+
+
+# --- on every worker of a group
+def serve_trials(config: Dict[str, Any]) -> None:
+    """A Ray Train worker's loop: run the pool's trials one after another on one loaded base."""
+    import ray
+    import ray.train
+
+    from trainers.distributed import broadcast_object
+
+    pool, group = config["pool"], config["group"]
+    rank = ray.train.get_context().get_world_rank()
+    bases = BaseCache()
+    while True:
+        job = ray.get(pool.take.remote(group)) if rank == 0 else None
+        job = broadcast_object(job)
+        if job is None:
+            return
+        error = run_job(job, rank, pool, bases)
+        if rank == 0:
+            ray.get(pool.finish.remote(group, job["number"], error))
+
+
+def run_job(job: Dict[str, Any], rank: int, pool, bases: "BaseCache") -> Optional[str]:
+    """One trial on this worker; returns its failure reason, None when it finished or was stopped.
+
+    Anything but TrialFailed (which every rank raises together) is raised: a rank alone in an error
+    would leave the others waiting in a collective, so the group ends and the trial is retried."""
+    import ray
+
+    from search.tracking import start_trial
+    from trainers.checkpoint import has_checkpoint
+    from trainers.distributed import all_reduce
+    from trainers.errors import TrialFailed
+    from trainers.recipe import run_trial
+
+    tracker = start_trial(job["run_dir"], job["search_name"], job["number"], job["params"],
+                          job["tracking"]) if rank == 0 else None
+
+    def report(metrics: dict) -> None:
+        if tracker is not None:
+            tracker.log_round(metrics)
+        stop = ray.get(pool.put_report.remote(job["number"], metrics)) if rank == 0 else False
+        if all_reduce([float(stop)], op="max")[0]:   # every rank stops at the same round
+            raise TrialStopped()
+
+    settings, output_dir = job["settings"], job["output_dir"]
+    state, error = "FAIL", None
+    try:
+        # a retried trial, or one whose driver died, goes on from its last finished round
+        run_trial(settings, report, output_dir, base=bases.get(settings),
+                  resume_from=output_dir if has_checkpoint(output_dir) else None)
+        state = "COMPLETE"
+    except TrialStopped:
+        state = "PRUNED"
+    except TrialFailed as exc:
+        error = exc.reason
+    finally:
+        if tracker is not None:
+            tracker.finish({}, state)
+    return error
+
+
+class BaseCache:
+    """The base model a worker keeps between trials: loaded again only when a trial needs another one."""
+
+    def __init__(self):
+        self.key, self.base = None, None
+
+    def get(self, settings):
+        """The loaded base for `settings`, or None where the recipe must load its own (ZeRO-3)."""
+        from trainers.data import read_trial_rows
+        from trainers.distributed import current_context
+        from trainers.engine import uses_deepspeed
+        from trainers.model import load_base
+
+        if uses_deepspeed(settings.engine) and settings.engine.zero_stage == 3:
+            # ZeRO-3 partitions the base's own weights into the trial's engine: not reusable after it
+            self.key = self.base = None
+            return None
+        key = (settings.model, settings.data)
+        if key != self.key:
+            self.key = self.base = None
+            gc.collect()
+            rows = read_trial_rows(settings.data, settings.model.task)
+            num_labels = len(rows.labels) if rows.labels else None
+            self.base = load_base(settings.model, num_labels=num_labels, device=current_context().device)
+            self.key = key
+        return self.base

@@ -1,0 +1,94 @@
+"""The trial pool's hand-over between Tune trial functions and worker groups (search/pool.py), without Ray:
+the actor's methods called from threads, as Ray's threaded actor calls them."""
+import threading
+
+import pytest
+
+from search.pool import END, REPORT, TrialPool
+
+
+@pytest.fixture
+def pool(monkeypatch):
+    started = []
+
+    def start_group(self):   # no TorchTrainer: the test plays rank 0 itself
+        group, self.started = self.started, self.started + 1
+        self.groups[group] = None
+        started.append(group)
+
+    monkeypatch.setattr(TrialPool, "_start_group", start_group)
+    pool = TrialPool(slots=2, scaling=None, storage_path="unused", name="tune")
+    pool.started_groups = started
+    return pool
+
+
+def in_thread(function, *args):
+    """Run `function` on a thread; returns a getter that waits for its result (at most 5 s)."""
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("value", function(*args)), daemon=True)
+    thread.start()
+
+    def get():
+        thread.join(5)
+        assert not thread.is_alive(), f"{function.__name__} still blocked"
+        return result["value"]
+
+    get.thread = thread
+    return get
+
+
+def test_rank0_waits_at_each_report_until_the_trial_asks_for_the_next(pool):
+    pool.submit(7, {"number": 7})
+    assert pool.take(0) == {"number": 7} and pool.groups == {0: 7}
+    answer = in_thread(pool.put_report, 7, {"round": 1})
+    assert pool.next_report(7) == (REPORT, {"round": 1})
+    answer.thread.join(0.2)
+    assert answer.thread.is_alive()          # Tune has not taken its decision yet: rank 0 waits
+    following = in_thread(pool.next_report, 7)   # tune.report returned: the trial goes on
+    assert answer() is False
+    pool.finish(0, 7, None)
+    assert following() == (END, None)
+    assert pool.groups == {0: None} and 7 not in pool.mailboxes
+
+
+def test_a_cancelled_trial_stops_at_its_report_and_later_reports(pool):
+    pool.submit(1, {"number": 1})
+    pool.take(0)
+    answer = in_thread(pool.put_report, 1, {"round": 1})
+    assert pool.next_report(1)[0] == REPORT
+    pool.cancel(1)                             # ASHA stopped it
+    assert answer() is True
+    assert pool.put_report(1, {"round": 2}) is True   # a report after the stop: stop again
+    pool.cancel(1)                             # twice (function and callback) is harmless
+
+
+def test_a_trial_cancelled_before_a_group_took_it_is_skipped(pool):
+    pool.submit(1, {"number": 1})
+    pool.submit(2, {"number": 2})
+    pool.cancel(1)
+    assert pool.take(0) == {"number": 2}
+
+
+def test_groups_are_started_when_trials_want_them_up_to_the_slots(pool):
+    pool.submit(1, {})
+    assert pool.started_groups == [0]
+    pool.submit(2, {})
+    pool.submit(3, {})
+    assert pool.started_groups == [0, 1]        # slots=2
+    pool.take(0)
+    pool.finish(0, 1, None)
+    assert pool.next_report(1) == (END, None)
+    pool.submit(4, {})
+    assert pool.started_groups == [0, 1]        # the groups are reused, not started again
+
+
+def test_the_trial_of_a_group_that_died_ends_with_the_reason(pool):
+    pool.submit(3, {})
+    pool.take(0)
+    with pool.lock:
+        number = pool.groups.pop(0)
+    pool._end(number, "WorkerGroupError: The actor is dead because its worker process has died")
+    kind, reason = pool.next_report(3)
+    assert kind == END and "worker process has died" in reason
+    pool.close()
+    assert pool.jobs.qsize() == 0              # no live group is left to stop
