@@ -118,9 +118,6 @@ class TrialPool:
         for _ in range(len(self.groups)):
             self.jobs.put(None)
 
-    def live_groups(self) -> int:
-        return len(self.groups)
-
     def _end(self, number: int, error: Optional[str]) -> None:
         box = self.mailboxes.get(number)
         if box is not None:

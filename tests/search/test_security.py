@@ -450,6 +450,7 @@ def test_a_real_search_leaks_no_key_into_its_files_or_its_output(world, tmp_path
     nor in any file of the run directory (spec.yaml, reports, W&B runs, Ray Tune's state and pickles)."""
     pytest.importorskip("wandb")
     spec = spec_dict(world, storage="sqlite")   # a password needs a database server; see the tests above
+    spec["search"] = {**spec["search"], "concurrency": 1}   # one worker group to start: the test is about files
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
