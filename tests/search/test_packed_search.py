@@ -17,16 +17,16 @@ pytestmark = pytest.mark.slow
 
 def test_packed_trials_are_each_their_own_trial(tmp_path):
     model = build_tiny_classifier(str(tmp_path / "tiny-bert"), num_labels=2)
-    train = make_learnable_classification_data(str(tmp_path / "train.jsonl"), 96, seed=1)
+    train = make_learnable_classification_data(str(tmp_path / "train.jsonl"), 64, seed=1)
     spec = {
         "name": "packed",
         "model": {"name_or_path": model, "task": "sequence-classification"},
         "data": {"train": train, "text_field": "text", "label_field": "label", "max_length": 32},
         "peft": {"method": "lora", "target_modules": ["query", "value"]},
-        "space": {"r": [2, 4, 8], "learning_rate": [5e-3, 1e-2, 1e9]},   # 1e9 diverges
+        "space": {"r": [2, 4], "learning_rate": [5e-3, 1e-2, 1e9]},   # 1e9 diverges
         "training": {"epochs": 2, "batch_size": 16},
         "objective": {"metric": "eval_accuracy", "mode": "max"},
-        "search": {"algorithm": "grid", "trials": 9, "concurrency": 1, "pack": 3, "scheduler": "none"},
+        "search": {"algorithm": "grid", "trials": 6, "concurrency": 1, "pack": 3, "scheduler": "none"},
         "resources": {"deepspeed": {"enabled": False}},
         "tracking": {"wandb": "disabled"},
     }
@@ -38,7 +38,7 @@ def test_packed_trials_are_each_their_own_trial(tmp_path):
     run_dir = tmp_path / "runs" / "packed"
     with open(run_dir / "trials.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == 9
+    assert len(rows) == 6
     for row in rows:
         if float(row["param_learning_rate"]) > 1:
             assert row["state"] == "FAIL" and "diverged" in row["fail_reason"], row
@@ -50,4 +50,4 @@ def test_packed_trials_are_each_their_own_trial(tmp_path):
     # the best trial's adapter is a PEFT adapter of its own rank
     base = AutoModelForSequenceClassification.from_pretrained(model, num_labels=2)
     best = PeftModel.from_pretrained(base, str(run_dir / "best"))
-    assert best.peft_config["default"].r in (2, 4, 8)
+    assert best.peft_config["default"].r in (2, 4)
