@@ -270,7 +270,8 @@ def serve_packed(config: Dict[str, Any]) -> None:
             if job == NO_TRIAL:
                 break
             number = job["number"]
-            pack = pack or Pack(bases.get(job["settings"]))
+            if pack is None:
+                pack = Pack(bases.get(job["settings"]))
             try:
                 pack.add(number, job["settings"])
             except ValueError as exc:
