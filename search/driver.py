@@ -128,7 +128,8 @@ def _fit(spec, run_dir: str, todo: ResumePlan) -> None:
         # is reused for the next trial (one process start less per trial)
         tune.with_resources(trainable, {"cpu": 0.01}),
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=todo.to_run,
-                                    max_concurrent_trials=spec.search.concurrency, reuse_actors=True),
+                                    max_concurrent_trials=spec.search.concurrency * spec.search.pack,
+                                    reuse_actors=True),
         run_config=tune.RunConfig(name=tune_name, storage_path=os.path.join(run_dir, "ray"), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=0),
                                   callbacks=[ProgressLines(metric, mode, todo.to_run), CancelEndedTrials(pool)]),

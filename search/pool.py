@@ -27,6 +27,7 @@ from ray.tune import Callback
 from search.searcher import TRIAL_NUMBER_KEY
 
 REPORT, END = "report", "end"
+NO_TRIAL = "no trial"
 GO_ON, STOP = "go on", "stop"
 
 
@@ -46,11 +47,12 @@ class TrialPool:
 
     Its methods block (a group waiting for a trial, a trial waiting for a report), each on its own thread."""
 
-    def __init__(self, slots: int, scaling, storage_path: str, name: str):
+    def __init__(self, slots: int, scaling, storage_path: str, name: str, pack: int = 1):
         self.slots, self.scaling, self.storage_path, self.name = slots, scaling, storage_path, name
+        self.pack = pack                                 # trials a group trains at once (trainers/packed.py)
         self.jobs: queue.Queue = queue.Queue()           # (number, job), or None: a group may stop
         self.mailboxes: Dict[int, _Mailbox] = {}         # trials submitted and not yet ended
-        self.groups: Dict[int, Optional[int]] = {}       # live group -> the trial it runs (None: waiting)
+        self.groups: Dict[int, set] = {}                 # live group -> the trials it runs
         self.started = 0
         self.lock = threading.Lock()
 
@@ -59,7 +61,7 @@ class TrialPool:
         with self.lock:
             self.mailboxes[number] = _Mailbox()
             # a group per trial that wants one, up to `slots`: groups are started only when needed
-            while len(self.groups) < min(self.slots, len(self.mailboxes)):
+            while len(self.groups) < min(self.slots, -(-len(self.mailboxes) // self.pack)):
                 self._start_group()
         self.jobs.put((number, job))
 
@@ -83,16 +85,19 @@ class TrialPool:
             box.decisions.put(STOP)
 
     # --- rank 0 of each group
-    def take(self, group: int) -> Optional[Dict[str, Any]]:
-        """The next trial for `group`, or None when the search is over."""
+    def take(self, group: int, wait: bool = True) -> Optional[Dict[str, Any]]:
+        """The next trial for `group`, None when the search is over, or NO_TRIAL when none waits (`wait` False)."""
         while True:
-            item = self.jobs.get()
+            try:
+                item = self.jobs.get(block=wait)
+            except queue.Empty:
+                return NO_TRIAL
             if item is None:
                 return None
             number, job = item
             with self.lock:
                 if number in self.mailboxes:   # not cancelled while it waited
-                    self.groups[group] = number
+                    self.groups.setdefault(group, set()).add(number)
                     return job
 
     def put_report(self, number: int, metrics: Dict[str, Any]) -> bool:
@@ -105,8 +110,7 @@ class TrialPool:
 
     def finish(self, group: int, number: int, error: Optional[str]) -> None:
         with self.lock:
-            if self.groups.get(group) == number:
-                self.groups[group] = None
+            self.groups.get(group, set()).discard(number)
         self._end(number, error)
 
     # --- the driver
@@ -121,7 +125,7 @@ class TrialPool:
 
     def _start_group(self) -> None:
         group, self.started = self.started, self.started + 1
-        self.groups[group] = None
+        self.groups[group] = set()
         threading.Thread(target=self._run_group, args=(group,), name=f"group-{group}", daemon=True).start()
 
     def _run_group(self, group: int) -> None:
@@ -133,15 +137,16 @@ class TrialPool:
 
         error = None
         try:
-            TorchTrainer(serve_trials, train_loop_config={"pool": ray.get_runtime_context().current_actor,
-                                                          "group": group},
+            TorchTrainer(serve_packed if self.pack > 1 else serve_trials,
+                         train_loop_config={"pool": ray.get_runtime_context().current_actor, "group": group,
+                                            "pack": self.pack},
                          scaling_config=self.scaling,
                          run_config=RunConfig(name=f"{self.name}-group{group}", storage_path=self.storage_path)).fit()
         except Exception as exc:   # a worker died (or the group could not start): its trial ends with why
             error = failure_reason(exc)
         with self.lock:
-            number = self.groups.pop(group, None)
-        if number is not None:
+            numbers = self.groups.pop(group, set())
+        for number in numbers:
             self._end(number, error or "its worker group ended while it ran")
 
 
@@ -171,10 +176,10 @@ def start_pool(spec, run_dir: str, name: str):
         resources_per_worker={"CPU": resources.cpus_per_worker,
                               **({"GPU": resources.gpus_per_worker} if resources.gpus_per_worker else {})},
     )
-    slots = spec.search.concurrency
+    slots, pack = spec.search.concurrency, spec.search.pack
     # threads: each group's rank 0 and each trial function wait inside the actor, plus short calls
-    actor = ray.remote(TrialPool).options(num_cpus=0, max_concurrency=4 * slots + 8)
-    return actor.remote(slots, scaling, os.path.join(run_dir, "ray"), name)
+    actor = ray.remote(TrialPool).options(num_cpus=0, max_concurrency=4 * slots * pack + 8)
+    return actor.remote(slots, scaling, os.path.join(run_dir, "ray"), name, pack)
 
 
 # --- on every worker of a group
@@ -236,6 +241,59 @@ def run_job(job: Dict[str, Any], rank: int, pool, bases: "BaseCache") -> Optiona
         if tracker is not None:
             tracker.finish({}, state)
     return error
+
+
+def serve_packed(config: Dict[str, Any]) -> None:
+    """A one-worker group's loop with packing: up to `pack` trials train together on one base
+    (trainers/packed.py), each reporting its own rounds; a member that ends or that Tune stops leaves the pack
+    and the next trial takes its place at once. Packed trials keep no round checkpoints: one interrupted
+    starts again from its first round."""
+    import ray
+
+    from search.tracking import start_trial
+    from trainers.packed import Pack
+
+    pool, group, size = config["pool"], config["group"], config["pack"]
+    bases, pack, jobs, trackers = BaseCache(), None, {}, {}
+
+    def leave(number, state, error=None):
+        pack.remove(number)
+        trackers.pop(number).finish({}, state)
+        jobs.pop(number)
+        ray.get(pool.finish.remote(group, number, error))
+
+    while True:
+        while len(jobs) < size:   # fill the free places; wait for a trial only when nothing trains
+            job = ray.get(pool.take.remote(group, wait=not jobs))
+            if job is None:
+                return
+            if job == NO_TRIAL:
+                break
+            number = job["number"]
+            if pack is None:
+                pack = Pack(bases.get(job["settings"]))
+            try:
+                pack.add(number, job["settings"])
+            except ValueError as exc:
+                ray.get(pool.finish.remote(group, number, str(exc)))
+                continue
+            jobs[number] = job
+            trackers[number] = start_trial(job["run_dir"], job["search_name"], number, job["params"], job["tracking"])
+        result = pack.step()
+        for number, reason in result.failed.items():
+            leave(number, "FAIL", reason)
+        for number in result.round_ends:
+            metrics = pack.evaluate(number)
+            finished = pack.members[number].finished
+            if finished:
+                metrics.update(pack.save(number, jobs[number]["output_dir"], metrics))
+            trackers[number].log_round(metrics)
+            stop = ray.get(pool.put_report.remote(number, metrics))
+            if finished or stop:
+                leave(number, "COMPLETE" if finished else "PRUNED")
+        if not jobs:
+            pack.close()   # the base goes back clean, as a solo trial would leave it
+            pack = None
 
 
 class BaseCache:

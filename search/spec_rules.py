@@ -136,6 +136,8 @@ def cross_problems(parts: Dict[str, Any]) -> List[str]:
     if search and parts.get("objective") and len(parts["objective"].metrics) > 1 and search.refine_every:
         problems.append(f"search.refine_every: refinement rates settings on one objective; with "
                         f"{len(parts['objective'].metrics)} objectives set refine_every: 0, got {search.refine_every}")
+    if search and search.pack > 1:
+        problems += _pack_problems(search, peft, space, model, resources)
     if search and training and space is not None:
         epochs = training.epochs
         if "epochs" in space:
@@ -144,6 +146,22 @@ def cross_problems(parts: Dict[str, Any]) -> List[str]:
         if search.grace_rounds > rounds:
             problems.append(f"search.grace_rounds: must be <= the eval rounds of a trial "
                             f"(epochs * evals_per_epoch = {rounds}), got {search.grace_rounds}")
+    return problems
+
+
+def _pack_problems(search, peft, space, model, resources) -> List[str]:
+    """What packed trials need (trainers/packed.why_not_packable says the same of one trial's settings)."""
+    problems = []
+    where = f"search.pack: {search.pack} trials train together"
+    if peft and peft.method != "lora":
+        problems.append(f"{where} only as LoRA adapters (they share one forward pass); got peft.method={peft.method}")
+    if resources and resources.workers_per_trial != 1:
+        problems.append(f"{where} in one worker; got resources.workers_per_trial={resources.workers_per_trial}")
+    if model and model.compile:
+        problems.append(f"{where} on an uncompiled model (each change of members would recompile); "
+                        "set model.compile: false")
+    if peft and (peft.params.get("use_dora") or (space is not None and "use_dora" in space)):
+        problems.append(f"{where}: not with use_dora (it renormalises each trial's whole weight)")
     return problems
 
 

@@ -145,6 +145,9 @@ class SearchSection(Section):
     # added: times a trial is retried, from its last round's checkpoint, when a worker process dies
     # (killed, node lost); a failure that would repeat (divergence, out of memory) is never retried
     max_failures: int = rule(2, "int", low=0)
+    # added: trials each worker group trains at once on its one base (packed LoRA, trainers/packed.py): each
+    # keeps its own rows, adapter, optimizer and reports; up to concurrency * pack trials run at a time
+    pack: int = rule(1, "int", low=1)
     # added: refine the space every this many finished trials (0: off; the first time once 10 trials are
     # complete): fix settings that do not matter, narrow those that do (search/refine.py)
     refine_every: int = rule(0, "int", low=0)

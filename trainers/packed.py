@@ -260,8 +260,9 @@ class Pack:
     def __init__(self, base: LoadedBase, device: Optional[torch.device] = None):
         import torch.distributed as dist
 
-        if dist.is_available() and dist.is_initialized():
-            raise ValueError("packed trials run in one process; a torch.distributed group is initialized")
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # (a group of one, as Ray Train sets up for a 1-worker trial, is the same as none)
+            raise ValueError("packed trials run in one process; a torch.distributed group of several is initialized")
         if base.zero3_scope is not None:
             raise ValueError("packed trials need a whole base on one device, not a ZeRO-3 partitioned one")
         self.base = base

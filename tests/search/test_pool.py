@@ -13,7 +13,7 @@ def pool(monkeypatch):
 
     def start_group(self):   # no TorchTrainer: the test plays rank 0 itself
         group, self.started = self.started, self.started + 1
-        self.groups[group] = None
+        self.groups[group] = set()
         started.append(group)
 
     monkeypatch.setattr(TrialPool, "_start_group", start_group)
@@ -39,7 +39,7 @@ def in_thread(function, *args):
 
 def test_rank0_waits_at_each_report_until_the_trial_asks_for_the_next(pool):
     pool.submit(7, {"number": 7})
-    assert pool.take(0) == {"number": 7} and pool.groups == {0: 7}
+    assert pool.take(0) == {"number": 7} and pool.groups == {0: {7}}
     answer = in_thread(pool.put_report, 7, {"round": 1})
     assert pool.next_report(7) == (REPORT, {"round": 1})
     answer.thread.join(0.2)
@@ -48,7 +48,7 @@ def test_rank0_waits_at_each_report_until_the_trial_asks_for_the_next(pool):
     assert answer() is False
     pool.finish(0, 7, None)
     assert following() == (END, None)
-    assert pool.groups == {0: None} and 7 not in pool.mailboxes
+    assert pool.groups == {0: set()} and 7 not in pool.mailboxes
 
 
 def test_a_cancelled_trial_stops_at_its_report_and_later_reports(pool):
@@ -86,9 +86,23 @@ def test_the_trial_of_a_group_that_died_ends_with_the_reason(pool):
     pool.submit(3, {})
     pool.take(0)
     with pool.lock:
-        number = pool.groups.pop(0)
+        (number,) = pool.groups.pop(0)
     pool._end(number, "WorkerGroupError: The actor is dead because its worker process has died")
     kind, reason = pool.next_report(3)
     assert kind == END and "worker process has died" in reason
     pool.close()
     assert pool.jobs.qsize() == 0              # no live group is left to stop
+
+
+def test_a_packing_group_takes_trials_without_waiting_and_groups_start_per_pack(monkeypatch):
+    from search.pool import NO_TRIAL
+
+    monkeypatch.setattr(TrialPool, "_start_group", lambda self: self.groups.setdefault(len(self.groups), set()))
+    pool = TrialPool(slots=2, scaling=None, storage_path="unused", name="tune", pack=3)
+    for number in range(4):
+        pool.submit(number, {"number": number})
+    assert len(pool.groups) == 2                 # 4 trials, 3 to a group
+    assert [pool.take(0, wait=False)["number"] for _ in range(3)] == [0, 1, 2]
+    assert pool.groups[0] == {0, 1, 2}
+    pool.take(1)
+    assert pool.take(1, wait=False) == NO_TRIAL  # nothing waits: the pack trains on
