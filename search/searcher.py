@@ -59,9 +59,18 @@ SAMPLERS: Dict[str, Callable[[int], optuna.samplers.BaseSampler]] = {
 }
 
 
+class TuneGridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid sampler, less its stop: once the grid is used up it calls Study.stop, which raises outside
+    Study.optimize (seen here: the last trials of a full grid, told by the searcher, crashed the driver).
+    Tune's num_samples ends the search instead."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        return None
+
+
 def make_sampler(algorithm: str, seed: int, grid: Optional[Dict[str, list]] = None) -> optuna.samplers.BaseSampler:
     if algorithm == "grid":
-        return optuna.samplers.GridSampler(grid or {}, seed=seed)
+        return TuneGridSampler(grid or {}, seed=seed)
     return SAMPLERS[algorithm](seed)
 
 

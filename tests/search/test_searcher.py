@@ -71,3 +71,28 @@ def test_nan_metric_is_a_failure_not_a_best_trial(searcher):
     searcher.suggest("a")
     searcher.on_trial_complete("a", result(3, float("nan")))
     assert searcher._ot_study.get_trials()[0].state == TrialState.FAIL
+
+
+def test_a_used_up_grid_is_told_without_stopping_a_study_that_is_not_optimizing():
+    """Optuna's GridSampler calls Study.stop when its grid is used up, which raises outside Study.optimize
+    (the searcher tells trials from Tune's callbacks): the last trials of a full grid crashed the driver."""
+    import optuna
+
+    from search.searcher import make_sampler
+
+    grid = {"r": [2, 4], "learning_rate": [1e-3, 1e-2]}
+    plain = optuna.create_study(sampler=optuna.samplers.GridSampler(grid, seed=0))
+    trials = [plain.ask({"r": optuna.distributions.CategoricalDistribution([2, 4]),
+                         "learning_rate": optuna.distributions.CategoricalDistribution([1e-3, 1e-2])})
+              for _ in range(4)]
+    with pytest.raises(RuntimeError, match="Study.stop"):
+        for trial in trials:
+            plain.tell(trial, 1.0)
+    ours = optuna.create_study(sampler=make_sampler("grid", 0, grid=grid))
+    trials = [ours.ask({"r": optuna.distributions.CategoricalDistribution([2, 4]),
+                        "learning_rate": optuna.distributions.CategoricalDistribution([1e-3, 1e-2])})
+              for _ in range(4)]
+    for trial in trials:
+        ours.tell(trial, 1.0)
+    assert {(t.params["r"], t.params["learning_rate"]) for t in ours.trials} == {(r, lr) for r in (2, 4)
+                                                                                  for lr in (1e-3, 1e-2)}
