@@ -162,8 +162,10 @@ def run_trial(settings: TrialSettings, report: Callable[[Dict[str, Any]], None],
             if resume_from is not None:
                 state = resume(trial, plateau, resume_from)
                 if state["finished"]:   # it ended before whoever ran it heard the result: say it again
-                    report(state["metrics"])
-                    return state["metrics"]
+                    # marked as resumed (after its last round), unless an earlier resume marked it already
+                    metrics = {"resumed_after_round": state["round"], **state["metrics"]}
+                    report(metrics)
+                    return metrics
                 done = state["round"]
             for number, end_step in enumerate(trial.plan.round_ends, start=1):
                 if number <= done:
