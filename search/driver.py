@@ -148,4 +148,3 @@ def _tune_name(run_dir: str) -> str:
         count += 1
         name = f"tune-{count}"
     return name
-

@@ -50,7 +50,7 @@ class TrialPool:
     def __init__(self, slots: int, scaling, storage_path: str, name: str, pack: int = 1):
         self.slots, self.scaling, self.storage_path, self.name = slots, scaling, storage_path, name
         self.pack = pack                                 # trials a group trains at once (trainers/packed.py)
-        self.jobs: queue.Queue = queue.Queue()           # (number, job), or None: a group may stop
+        self.jobs: queue.Queue = queue.Queue()           # (number, job)
         self.mailboxes: Dict[int, _Mailbox] = {}         # trials submitted and not yet ended
         self.groups: Dict[int, set] = {}                 # live group -> the trials it runs
         self.started = 0
@@ -85,16 +85,14 @@ class TrialPool:
             box.decisions.put(STOP)
 
     # --- rank 0 of each group
-    def take(self, group: int, wait: bool = True) -> Optional[Dict[str, Any]]:
-        """The next trial for `group`, None when the search is over, or NO_TRIAL when none waits (`wait` False)."""
+    def take(self, group: int, wait: bool = True) -> Any:
+        """The next trial for `group`, or NO_TRIAL when none waits (`wait` False). Groups never stop by
+        themselves: the driver kills the pool, and its groups with it, when the search is over."""
         while True:
             try:
-                item = self.jobs.get(block=wait)
+                number, job = self.jobs.get(block=wait)
             except queue.Empty:
                 return NO_TRIAL
-            if item is None:
-                return None
-            number, job = item
             with self.lock:
                 if number in self.mailboxes:   # not cancelled while it waited
                     self.groups.setdefault(group, set()).add(number)
@@ -112,11 +110,6 @@ class TrialPool:
         with self.lock:
             self.groups.get(group, set()).discard(number)
         self._end(number, error)
-
-    # --- the driver
-    def close(self) -> None:
-        for _ in range(len(self.groups)):
-            self.jobs.put(None)
 
     def _end(self, number: int, error: Optional[str]) -> None:
         box = self.mailboxes.get(number)
@@ -196,8 +189,6 @@ def serve_trials(config: Dict[str, Any]) -> None:
     while True:
         job = ray.get(pool.take.remote(group)) if rank == 0 else None
         job = broadcast_object(job)
-        if job is None:
-            return
         error = run_job(job, rank, pool, bases)
         if rank == 0:
             ray.get(pool.finish.remote(group, job["number"], error))
@@ -265,8 +256,6 @@ def serve_packed(config: Dict[str, Any]) -> None:
     while True:
         while len(jobs) < size:   # fill the free places; wait for a trial only when nothing trains
             job = ray.get(pool.take.remote(group, wait=not jobs))
-            if job is None:
-                return
             if job == NO_TRIAL:
                 break
             number = job["number"]

@@ -201,16 +201,15 @@ class DeepSpeedEngine:
 
         deepspeed = import_deepspeed()
         self.config = deepspeed_config(training, engine, precision, dist.get_world_size())
+        self._trainable = [p for p in model.parameters() if p.requires_grad]
         if engine.zero_stage == 3 and precision != "fp32":
             # ZeRO-3 flattens the trainable parameters into one buffer of one dtype, but PEFT keeps the
             # adapter in fp32 beside a bf16 classification head (seen on an H100). DeepSpeed keeps fp32
             # master copies of half-precision parameters itself, so nothing is lost by casting them.
             half = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-            for param in model.parameters():
-                if param.requires_grad:
-                    param.data = param.data.to(half)
+            for param in self._trainable:
+                param.data = param.data.to(half)
         optimizer, scheduler = build_optimizer(model, training, total_steps)
-        self._trainable = [p for p in model.parameters() if p.requires_grad]
         self.zero_stage = engine.zero_stage
         self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.config, dist_init_required=False)

@@ -90,8 +90,6 @@ def test_the_trial_of_a_group_that_died_ends_with_the_reason(pool):
     pool._end(number, "WorkerGroupError: The actor is dead because its worker process has died")
     kind, reason = pool.next_report(3)
     assert kind == END and "worker process has died" in reason
-    pool.close()
-    assert pool.jobs.qsize() == 0              # no live group is left to stop
 
 
 def test_a_packing_group_takes_trials_without_waiting_and_groups_start_per_pack(monkeypatch):

@@ -179,6 +179,22 @@ def test_members_leave_and_join_without_disturbing_the_others(tiny_bert, cls_dat
     assert not pack.members and not pack._packed
 
 
+def _solo_then_packed(members, tmp_path):
+    """Each member's reports trained alone (recipe.run_trial), then all of them in one pack on a fresh base;
+    adapters land in tmp_path/solo_<key> and tmp_path/packed/<key>."""
+    solo = {}
+    for key, settings in members.items():
+        solo[key] = []
+        recipe.run_trial(settings, solo[key].append, str(tmp_path / f"solo_{key}"))
+    torch.set_num_threads(1)
+    with Pack(load_base(next(iter(members.values())).model)) as pack:
+        for key, settings in members.items():
+            pack.add(key, settings)
+        reports = {}
+        _run(pack, reports, saved_to=tmp_path / "packed")
+    return solo, reports
+
+
 def test_packed_causal_lm_members_match_their_solo_runs(tmp_path, tiny_llama, lm_data):
     members = {
         "a": _lora(lm_settings(tiny_llama, lm_data, batch_size=8, seed=1, epochs=1, evals_per_epoch=2, max_steps=6),
@@ -186,16 +202,7 @@ def test_packed_causal_lm_members_match_their_solo_runs(tmp_path, tiny_llama, lm
         "b": _lora(lm_settings(tiny_llama, lm_data, learning_rate=1e-2, batch_size=12, seed=2, epochs=1,
                                max_steps=4, evals_per_epoch=2), 2, 4, target_modules=["q_proj", "k_proj", "v_proj"]),
     }
-    solo = {}
-    for key, settings in members.items():
-        solo[key] = []
-        recipe.run_trial(settings, solo[key].append, str(tmp_path / f"solo_{key}"))
-    torch.set_num_threads(1)
-    with Pack(load_base(members["a"].model)) as pack:
-        for key, settings in members.items():
-            pack.add(key, settings)
-        reports = {}
-        _run(pack, reports, saved_to=tmp_path / "packed")
+    solo, reports = _solo_then_packed(members, tmp_path)
     for key in members:
         for mine, theirs in zip(reports[key], solo[key]):
             for name in ("step", "train_loss", "eval_loss", "eval_accuracy", "eval_perplexity"):
@@ -233,19 +240,10 @@ def test_members_with_equal_rows_train_in_batched_matmuls_and_match_their_solo_r
     members = {key: _lora(lm_settings(tiny_llama, lm_data, learning_rate=lr, batch_size=8, seed=seed, epochs=1,
                                       evals_per_epoch=2, max_steps=6), r, 2 * r)
                for key, r, lr, seed in (("a", 2, 1e-2, 1), ("b", 4, 3e-2, 2), ("c", 8, 5e-3, 3))}
-    solo = {}
-    for key, settings in members.items():
-        solo[key] = []
-        recipe.run_trial(settings, solo[key].append, str(tmp_path / f"solo_{key}"))
     batched = []
     original = PackedLinear._batched
     monkeypatch.setattr(PackedLinear, "_batched", lambda self, *a: batched.append(1) or original(self, *a))
-    torch.set_num_threads(1)
-    with Pack(load_base(members["a"].model)) as pack:
-        for key, settings in members.items():
-            pack.add(key, settings)
-        reports = {}
-        _run(pack, reports, saved_to=tmp_path / "packed")
+    solo, reports = _solo_then_packed(members, tmp_path)
     assert batched, "the batched path never ran"
     for key in members:
         assert len(reports[key]) == len(solo[key])
