@@ -242,6 +242,7 @@ def serve_packed(config: Dict[str, Any]) -> None:
     import ray
 
     from search.tracking import start_trial
+    from trainers.memory_guard import host_memory_cap
     from trainers.packed import Pack
 
     pool, group, size = config["pool"], config["group"], config["pack"]
@@ -268,7 +269,15 @@ def serve_packed(config: Dict[str, Any]) -> None:
                 continue
             jobs[number] = job
             trackers[number] = start_trial(job["run_dir"], job["search_name"], number, job["params"], job["tracking"])
-        result = pack.step()
+        try:
+            with host_memory_cap(jobs[next(iter(jobs))]["settings"].engine.host_memory_mb):
+                result = pack.step()
+        except MemoryError as exc:   # the pack as a whole outgrew the host: every member fails with it
+            for number in list(jobs):
+                leave(number, "FAIL", f"out of memory with {size} trials packed: {exc}")
+            pack.close()
+            pack = None
+            continue
         for number, reason in result.failed.items():
             leave(number, "FAIL", reason)
         for number in result.round_ends:

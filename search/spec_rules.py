@@ -289,7 +289,9 @@ def engine_settings(resources):
     user_config = read_user_config(deepspeed.config) if deepspeed.enabled and deepspeed.config else {}
     return EngineSettings(deepspeed=deepspeed.enabled, zero_stage=deepspeed.zero_stage,
                           offload_optimizer=deepspeed.offload_optimizer, offload_param=deepspeed.offload_param,
-                          user_config=user_config, num_threads=max(1, int(resources.cpus_per_worker)))
+                          user_config=user_config, num_threads=max(1, int(resources.cpus_per_worker)),
+                          host_memory_mb=(resources.memory_per_worker_gb * 1024
+                                          if resources.memory_per_worker_gb is not None else None))
 
 
 def _section_dict(section, skip=()) -> Dict[str, Any]:

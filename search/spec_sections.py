@@ -205,6 +205,8 @@ class ResourcesSection(Section):
     workers_per_trial: int = rule(1, "int", low=1)
     gpus_per_worker: float = rule(0.0, "float", low=0)   # fractions share a GPU between trials
     cpus_per_worker: float = rule(1.0, "float", low=0, low_open=True)  # logical CPUs Ray reserves per worker
+    # added: past this resident memory a worker's trial fails "out of memory" (trainers/memory_guard.py)
+    memory_per_worker_gb: Optional[float] = rule(None, "float", nullable=True, low=0, low_open=True)
     deepspeed: DeepSpeedSection = rule(type="section", section=DeepSpeedSection)
 
     def extra_problems(self) -> List[str]:

@@ -31,6 +31,7 @@ from trainers.diagnostics import RANK_KEYS, has_lora, overfit_gap, rank_figures
 from trainers.distributed import DistContext, all_reduce, current_context
 from trainers.engine import create_engine, zero3_load_config
 from trainers.errors import TrialFailed
+from trainers.memory_guard import host_memory_cap
 from trainers.metrics import EvalCounts
 from trainers.model import LoadedBase, apply_adapter, load_base, release_adapter
 from trainers.settings import TrialSettings
@@ -153,7 +154,8 @@ def run_trial(settings: TrialSettings, report: Callable[[Dict[str, Any]], None],
     plateau = Plateau.for_trial(settings)
     trial = None
     try:
-        with _failures_as_trial_failed(lambda: trial.phase if trial else "setup"):
+        with _failures_as_trial_failed(lambda: trial.phase if trial else "setup"), \
+                host_memory_cap(settings.engine.host_memory_mb):
             trial = setup(settings, base)
             write_engine_config(trial, output_dir)
             rounds = len(trial.plan.round_ends)

@@ -92,6 +92,7 @@ class EngineSettings:
     # the generated config; a key the settings decide must agree with them (trainers/deepspeed_config.py).
     user_config: Mapping[str, Any] = field(default_factory=dict)
     num_threads: Optional[int] = None # torch intra-op threads; None leaves torch's default
+    host_memory_mb: Optional[float] = None   # this worker's resident memory cap (trainers/memory_guard.py)
 
 
 @dataclass(frozen=True)

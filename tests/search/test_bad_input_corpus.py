@@ -173,6 +173,8 @@ CASES = [
     Case("pack-zero", lambda w: w.spec({"search.pack": 0}), ["search.pack: must be >= 1, got 0"]),
     Case("pack-with-two-workers", lambda w: w.spec({"search.pack": 4, "resources.workers_per_trial": 2}),
          ["search.pack: 4 trials train together in one worker; got resources.workers_per_trial=2"]),
+    Case("memory-cap-zero", lambda w: w.spec({"resources.memory_per_worker_gb": 0}),
+         ["resources.memory_per_worker_gb: must be > 0, got 0"]),
     Case("max-length-zero", lambda w: w.spec({"data.max_length": 0}), ["data.max_length: max_length must be >= 1, got 0"]),
     Case("max-length-above-model", lambda w: w.spec({"data.max_length": 100_000}),
          ["data.max_length: must be <= 512 (the model's max_position_embeddings)"]),

@@ -61,6 +61,13 @@ def test_defaults_fill_what_is_not_searched(tiny_world, tmp_path):
     assert settings.training.warmup_ratio == 0.05 and settings.data.max_length == 32
     assert settings.data.label_field == "label" and settings.data.split_seed == 0
 
+    assert settings.engine.host_memory_mb is None   # no cap unless asked
+
+
+def test_memory_cap_reaches_the_workers_in_mib(tiny_world, tmp_path):
+    spec = _load(tiny_world, tmp_path, {"resources": {"memory_per_worker_gb": 1.5}})
+    assert spec.trial_settings({}).engine.host_memory_mb == 1536
+
 
 def test_empty_params_give_the_default_point(tiny_world, tmp_path):
     spec = _load(tiny_world, tmp_path)

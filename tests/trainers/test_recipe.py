@@ -324,3 +324,32 @@ def test_fp16_trains_as_mixed_precision(tmp_path, tiny_bert, cls_data, keep_trai
     assert final["eval_accuracy"] >= 0.65 and final["eval_loss"] < reports[0]["eval_loss"] - 0.05, reports
     dtypes = {(param.requires_grad, param.dtype) for param in keep_trained_model["model"].parameters()}
     assert dtypes == {(True, torch.float32), (False, torch.float16)}
+
+
+def _leaking_train(monkeypatch, chunk_mb: int):
+    """recipe.train that also keeps `chunk_mb` of host memory per round alive: a trial whose memory grows."""
+    kept = []
+    original = recipe.train
+
+    def leaking(trial, end_step):
+        for _ in range(4):   # in steps, so the watchdog sees the growth while Python code runs
+            kept.append(torch.ones(chunk_mb * 2 ** 18))   # float32: 4 bytes each
+            original(trial, end_step)
+    monkeypatch.setattr(recipe, "train", leaking)
+    return kept
+
+
+def test_host_memory_over_the_cap_fails_the_trial_with_its_reason(tmp_path, tiny_bert, cls_data, monkeypatch):
+    import psutil
+
+    cap_mb = psutil.Process().memory_info().rss / 2 ** 20 + 200
+    settings = cls_settings(tiny_bert, cls_data)
+    settings = replace(settings, engine=replace(settings.engine, host_memory_mb=cap_mb))
+    # the same trial under the same cap finishes when its memory stays flat: the cap leaves normal training be
+    assert math.isfinite(recipe.run_trial(settings, lambda metrics: None, str(tmp_path / "flat"))["eval_loss"])
+
+    kept = _leaking_train(monkeypatch, chunk_mb=64)
+    with pytest.raises(TrialFailed, match=r"^out of memory at step \d+: host memory: this worker's resident memory "
+                                          r"reached \d+ MiB, over its \d+ MiB cap \(resources.memory_per_worker_gb\)$"):
+        recipe.run_trial(settings, lambda metrics: None, str(tmp_path / "leaking"))
+    assert 0 < len(kept) * 64 < 200 + 2 * 64   # stopped within a few chunks of the cap, not at the end of training
