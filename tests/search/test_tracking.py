@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import struct
+import time
 import zlib
 
 import pytest
@@ -81,8 +82,25 @@ def read_records(path):
     return records
 
 
-def parse_run(run_dir):
-    """Everything logged to the single offline run under run_dir/wandb."""
+def parse_run(run_dir, wait_s=30.0):
+    """Everything logged to the single offline run under run_dir/wandb.
+
+    W&B's service process writes the .wandb file; on a loaded machine (CI at load 30) its records were seen
+    to land after `finish()` returned, so the file is read again until its run record is there."""
+    deadline = time.time() + wait_s
+    while True:
+        try:
+            out = _parse_run_once(run_dir)
+        except AssertionError:   # a record half written
+            if time.time() > deadline:
+                raise
+            out = {"run": None}
+        if out["run"] is not None or time.time() > deadline:
+            return out
+        time.sleep(0.5)
+
+
+def _parse_run_once(run_dir):
     paths = glob.glob(os.path.join(str(run_dir), "wandb", "offline-run-*", "*.wandb"))
     assert paths, f"no offline run under {run_dir}/wandb: {os.listdir(str(run_dir))}"
     out = {"run": None, "config": {}, "history": [], "summary": {}, "paths": paths}
