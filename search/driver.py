@@ -15,6 +15,7 @@ from search import outputs
 from search.resume import DriverLock, ResumePlan, plan, record_or_check
 from search.rundir import prepare_run_dir, write_run_files
 from search.progress import ProgressLines
+from search.remote_storage import RemoteRun
 from search.schedulers import make_scheduler
 from search.pool import CancelEndedTrials, start_pool
 from search.searcher import PeftOptunaSearch, make_sampler
@@ -120,8 +121,11 @@ def _fit(spec, run_dir: str, todo: ResumePlan) -> None:
     scheduler = make_scheduler(spec.search.scheduler, metric, mode, spec.max_rounds, spec.search.grace_rounds,
                                spec.search.reduction_factor)
     threads = local.threads_per_worker(spec.search.concurrency, spec.resources.workers_per_trial)
-    tune_name = _tune_name(run_dir)
-    pool = start_pool(spec, run_dir, tune_name)   # worker groups that outlive trials (search/pool.py)
+    remote = RemoteRun.of(spec.resources.storage_path, spec.name)
+    # Ray's state in RUN_DIR/ray, or in <storage_path>/<name>/ray where every node (and a later driver) finds it
+    storage_path, storage_filesystem = remote.ray_storage() if remote else (os.path.join(run_dir, "ray"), None)
+    tune_name = _tune_name(run_dir, remote)
+    pool = start_pool(spec, storage_path, storage_filesystem, tune_name)   # worker groups that outlive trials
     trainable = tune.with_parameters(tune_trial, spec=spec, run_dir=run_dir, threads_per_worker=threads, pool=pool)
     tuner = tune.Tuner(
         # the trial function only waits on its worker group, which holds the real resources; its actor
@@ -130,7 +134,8 @@ def _fit(spec, run_dir: str, todo: ResumePlan) -> None:
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=todo.to_run,
                                     max_concurrent_trials=spec.search.concurrency * spec.search.pack,
                                     reuse_actors=True),
-        run_config=tune.RunConfig(name=tune_name, storage_path=os.path.join(run_dir, "ray"), verbose=0,
+        run_config=tune.RunConfig(name=tune_name, storage_path=storage_path, storage_filesystem=storage_filesystem,
+                                  verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=0),
                                   callbacks=[ProgressLines(metric, mode, todo.to_run), CancelEndedTrials(pool)]),
     )
@@ -140,11 +145,12 @@ def _fit(spec, run_dir: str, todo: ResumePlan) -> None:
         ray.kill(pool)   # its worker groups go with it
 
 
-
-def _tune_name(run_dir: str) -> str:
+def _tune_name(run_dir: str, remote: Optional[RemoteRun]) -> str:
     """`tune` for the first driver, `tune-2`, `tune-3`... for the ones that resumed it."""
+    taken = (lambda name: remote.exists("ray", name)) if remote else \
+        (lambda name: os.path.exists(os.path.join(run_dir, "ray", name)))
     name, count = "tune", 1
-    while os.path.exists(os.path.join(run_dir, "ray", name)):
+    while taken(name):
         count += 1
         name = f"tune-{count}"
     return name
