@@ -277,7 +277,8 @@ def _transfer_problem(transfer, output_dir: str, number: int) -> Optional[str]:
     try:
         transfer(output_dir, number)
     except OSError as exc:   # pyarrow's S3 and network errors
-        return f"resources.storage_path: {transfer.__name__} of trial {number} failed: {' '.join(str(exc).split())[:300]}"
+        reason = " ".join(str(exc).split())[:300]
+        return f"resources.storage_path: {transfer.__name__} of trial {number} failed: {reason}"
     return None
 
 
