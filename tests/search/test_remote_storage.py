@@ -72,7 +72,7 @@ def spec_file(root, storage_path: str) -> str:
         "space": {"r": [2, 4], "learning_rate": [5e-3, 1e-2]},
         # two rounds a trial, so that a round checkpoint is replaced in the store by the next one
         "training": {"epochs": 2, "batch_size": 16},
-        "search": {"algorithm": "random", "trials": 3, "concurrency": 1, "scheduler": "none", "seed": 3},
+        "search": {"algorithm": "random", "trials": 2, "concurrency": 1, "scheduler": "none", "seed": 3},
         "resources": {"deepspeed": {"enabled": False}, "storage_path": storage_path},
         "tracking": {"wandb": "disabled"},
     }
@@ -99,7 +99,7 @@ def test_trials_outputs_and_ray_state_are_in_the_bucket(finished_run):
     stored = set(keys(client, base))
     with open(run_dir / "trials.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert [row["state"] for row in rows] == ["COMPLETE"] * 3
+    assert [row["state"] for row in rows] == ["COMPLETE"] * 2
     for row in rows:
         trial = f"{base}trials/{int(row['number']):04d}/"
         for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "metrics.json",
@@ -161,26 +161,39 @@ def test_a_trial_missing_locally_is_restored_from_the_store_and_resumes(finished
     assert not has_checkpoint(nothing)
 
 
+@pytest.fixture
+def no_ray(monkeypatch):
+    """A refused spec never gets to Ray: starting it fails the test instead of starting a search."""
+    import cluster.local
+
+    monkeypatch.setattr(cluster.local, "connect", lambda *_args: pytest.fail("the search went on to start Ray"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+
 @pytest.mark.slow
-def test_a_second_search_of_the_same_name_is_refused(finished_run, s3, tmp_path):
-    _, _, _ = finished_run
+def test_a_second_search_of_the_same_name_is_refused(finished_run, s3, tmp_path, no_ray, capsys):
+    from search.cli import main
+
     endpoint, _ = s3
-    proc = subprocess.run([sys.executable, "-m", "search", "run", spec_file(tmp_path, bucket_url(endpoint)),
-                           "--runs-dir", str(tmp_path / "runs")],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, **CREDENTIALS})
-    assert proc.returncode == 2 and f"resources.storage_path: s3://{BUCKET}/{PREFIX}/{NAME} already holds a search" \
-        in proc.stderr, proc.stderr[-2000:]
+    spec = spec_file(tmp_path, bucket_url(endpoint))
+    capsys.readouterr()
+    assert main(["run", spec, "--runs-dir", str(tmp_path / "runs")]) == 2
+    assert f"resources.storage_path: s3://{BUCKET}/{PREFIX}/{NAME} already holds a search" in capsys.readouterr().err
     assert not (tmp_path / "runs" / NAME).exists()
 
 
-def test_a_missing_bucket_or_credentials_in_the_url_are_refused_before_anything_starts(s3, tmp_path):
+def test_a_missing_bucket_or_credentials_in_the_url_are_refused_before_anything_starts(s3, tmp_path, no_ray, capsys):
+    from search.cli import main
+
     endpoint, _ = s3
     for storage_path, expected in [
             (f"s3://no-such-bucket/x?endpoint_override={endpoint}", "bucket 'no-such-bucket' does not exist"),
-            (f"s3://AKIAPEFTSEARCHTEST:{SECRET}@{BUCKET}/x", "credentials come from the environment")]:
+            (f"s3://AKIAPEFTSEARCHTEST:{SECRET}@{BUCKET}/x", "credentials come from the environment"),
+            (f"s3://{BUCKET}/x?secret_key={SECRET}", "credentials come from the environment")]:
         spec = spec_file(tmp_path, storage_path)
-        proc = subprocess.run([sys.executable, "-m", "search", "validate", spec], capture_output=True, text=True,
-                              timeout=120, env={**os.environ, **CREDENTIALS})
-        assert proc.returncode == 2 and "resources.storage_path: " in proc.stderr and expected in proc.stderr, \
-            proc.stderr
-        assert SECRET not in proc.stderr
+        capsys.readouterr()
+        for command in (["validate", spec], ["run", spec, "--runs-dir", str(tmp_path / "runs")]):
+            assert main(command) == 2
+            stderr = capsys.readouterr().err
+            assert "resources.storage_path: " in stderr and expected in stderr and SECRET not in stderr, stderr
+    assert not (tmp_path / "runs").exists()
