@@ -15,7 +15,7 @@ from search import outputs
 from search.resume import DriverLock, ResumePlan, plan, record_or_check
 from search.rundir import prepare_run_dir, write_run_files
 from search.progress import ProgressLines
-from search.remote_storage import KEY, RemoteRun, RemoteStorageError
+from search.remote_storage import KEY, RemoteRun, RemoteStorageError, one_line
 from search.schedulers import make_scheduler
 from search.pool import CancelEndedTrials, start_pool
 from search.searcher import PeftOptunaSearch, make_sampler
@@ -41,7 +41,7 @@ def run_search(spec, runs_dir: str, address: Optional[str] = None, resume: bool 
             try:
                 remote.upload_outputs(run_dir)
             except OSError as exc:   # e.g. credentials that may read the bucket but not write it
-                raise RemoteStorageError(f"{KEY}: cannot write to {remote.url()}: {' '.join(str(exc).split())[:300]}")
+                raise RemoteStorageError(f"{KEY}: cannot write to {remote.url()}: {one_line(exc)}") from None
         todo = plan(study, spec.search.trials)
         if todo.asked:
             log.info(f"resuming: {todo.finished} trials finished and kept, {len(todo.interrupted)} interrupted "

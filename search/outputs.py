@@ -8,7 +8,7 @@ import shutil
 from typing import Dict, List, Optional, Tuple
 
 from search import report, report_html
-from search.remote_storage import RemoteRun
+from search.remote_storage import KEY, RemoteRun, one_line
 from search.results import best_trial, load_study, objectives, trial_rows, write_trials_csv
 from search.rundir import RunDirError, read_summary
 from search.storage import SQLITE_FILE, STUDY_NAME, StorageError, open_storage, redact_url, saved_storage
@@ -89,7 +89,7 @@ def refresh(run_dir: str, wall_s: Optional[float] = None, storage: Optional[str]
         try:
             remote.upload_outputs(run_dir)
         except OSError as exc:   # the run directory keeps them; `peft-search report` uploads them again
-            log.warning(f"resources.storage_path: could not upload the outputs to {remote.url()}: {exc}")
+            log.warning(f"{KEY}: could not upload the outputs to {remote.url()}: {one_line(exc)}")
     return rows
 
 
@@ -101,7 +101,7 @@ def _fetch_trial(remote: RemoteRun, run_dir: str, number: int) -> None:
     try:
         remote.fetch_trial(local, number)
     except OSError as exc:   # best/ stays as it was; the report says no adapter was saved
-        log.warning(f"resources.storage_path: could not fetch trial {number} from {remote.url()}: {exc}")
+        log.warning(f"{KEY}: could not fetch trial {number} from {remote.url()}: {one_line(exc)}")
 
 
 def _refinements(stored) -> list:

@@ -23,6 +23,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from ray.tune import Callback
 
+from search.remote_storage import KEY, one_line
 from search.searcher import TRIAL_NUMBER_KEY
 
 REPORT, END = "report", "end"
@@ -253,8 +254,8 @@ def mirror_round(remote, output_dir: str, number: int) -> None:
     if ctx.is_main and problem is None:
         problem = _transfer_problem(remote.publish_checkpoint, output_dir, number)
     if all_reduce([float(problem is not None)], op="max")[0]:
-        raise TrialFailed(problem or f"resources.storage_path: another node could not upload its part of the trial "
-                                     f"to {remote.url('trials')}")
+        raise TrialFailed(problem or f"{KEY}: another node could not upload its part of the trial to "
+                                     f"{remote.url('trials')}")
 
 
 def restore_from_store(remote, output_dir: str, number: int) -> None:
@@ -277,8 +278,7 @@ def _transfer_problem(transfer, output_dir: str, number: int) -> Optional[str]:
     try:
         transfer(output_dir, number)
     except OSError as exc:   # pyarrow's S3 and network errors
-        reason = " ".join(str(exc).split())[:300]
-        return f"resources.storage_path: {transfer.__name__} of trial {number} failed: {reason}"
+        return f"{KEY}: {transfer.__name__} of trial {number} failed: {one_line(exc)}"
     return None
 
 

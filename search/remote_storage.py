@@ -69,7 +69,7 @@ def reach_problem(value: str) -> Optional[str]:
         top = path.split("/", 1)[0] if isinstance(filesystem, pyarrow.fs.S3FileSystem) else path
         info = filesystem.get_file_info(top)
     except (OSError, ValueError) as exc:   # ArrowInvalid (a bad query parameter) is a ValueError
-        return f"{KEY}: cannot reach {redact_url(value)}: {_one_line(exc)}"
+        return f"{KEY}: cannot reach {redact_url(value)}: {one_line(exc)}"
     if info.type == pyarrow.fs.FileType.NotFound:
         what = (f"bucket {top!r} does not exist (or these credentials cannot see it)"
                 if isinstance(filesystem, pyarrow.fs.S3FileSystem) else f"directory {top} does not exist")
@@ -85,7 +85,8 @@ def _resolve(url: str) -> Tuple["object", str]:
     return pyarrow.fs.FileSystem.from_uri(url)
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
+    """An S3 error (several lines from the AWS SDK) as one short line, for a problem line or a fail reason."""
     return " ".join(str(exc).split())[:300] or type(exc).__name__
 
 
