@@ -74,6 +74,7 @@ def cmd_resume(args) -> int:
 
 def _run(spec, runs_dir: str, address: Optional[str], resume: bool) -> int:
     from search.driver import run_search
+    from search.remote_storage import RemoteStorageError
     from search.resume import ResumeError
     from search.rundir import RunDirError
     from search.spec import SpecError
@@ -83,7 +84,7 @@ def _run(spec, runs_dir: str, address: Optional[str], resume: bool) -> int:
         run_dir = run_search(spec, runs_dir, address=address, resume=resume)
     except RunDirError as exc:
         return _problems_exit([f"--runs-dir: {exc}"])
-    except (ResumeError, StorageError) as exc:   # each message names its key (`space:`, `storage:`)
+    except (ResumeError, StorageError, RemoteStorageError) as exc:   # each message names its key (`space:`, `storage:`)
         return _problems_exit([str(exc)])
     except SpecError as exc:   # data that only the run reads (an HF dataset id), before anything started
         return _problems_exit(exc.problems)

@@ -15,6 +15,7 @@ from search import outputs
 from search.resume import DriverLock, ResumePlan, plan, record_or_check
 from search.rundir import prepare_run_dir, write_run_files
 from search.progress import ProgressLines
+from search.remote_storage import KEY, RemoteRun, RemoteStorageError, one_line
 from search.schedulers import make_scheduler
 from search.pool import CancelEndedTrials, start_pool
 from search.searcher import PeftOptunaSearch, make_sampler
@@ -35,6 +36,12 @@ def run_search(spec, runs_dir: str, address: Optional[str] = None, resume: bool 
     with DriverLock(run_dir):
         study = open_study(spec, run_dir, resume)   # a changed space or objective stops here, before Ray
         write_run_files(spec, run_dir, summary)
+        remote = RemoteRun.of(spec.resources.storage_path, spec.name)
+        if remote is not None:   # now, not only at the end: a second search of this name is refused from here on
+            try:
+                remote.upload_outputs(run_dir)
+            except OSError as exc:   # e.g. credentials that may read the bucket but not write it
+                raise RemoteStorageError(f"{KEY}: cannot write to {remote.url()}: {one_line(exc)}") from None
         todo = plan(study, spec.search.trials)
         if todo.asked:
             log.info(f"resuming: {todo.finished} trials finished and kept, {len(todo.interrupted)} interrupted "
@@ -42,7 +49,7 @@ def run_search(spec, runs_dir: str, address: Optional[str] = None, resume: bool 
         wall_before, started = (outputs.previous_wall(run_dir) or 0.0) if resume else 0.0, time.time()
         try:
             if todo.to_run:
-                _fit_on_ray(spec, run_dir, address, todo)
+                _fit_on_ray(spec, run_dir, address, todo, remote)
         finally:
             rows = outputs.refresh(run_dir, wall_s=wall_before + time.time() - started, storage=spec.storage)
             log_tables(run_dir, spec.name, spec.tracking, {"trials": rows, **_sensitivity_tables(spec, study, rows)})
@@ -63,7 +70,7 @@ def open_study(spec, run_dir: str, resume: bool):
     return study
 
 
-def _fit_on_ray(spec, run_dir: str, address: Optional[str], todo: ResumePlan) -> None:
+def _fit_on_ray(spec, run_dir: str, address: Optional[str], todo: ResumePlan, remote: Optional[RemoteRun]) -> None:
     # A failing trial reports only its reason; Tune's strict check would turn that into a
     # driver-side error instead of a FAIL row.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
@@ -77,7 +84,7 @@ def _fit_on_ray(spec, run_dir: str, address: Optional[str], todo: ResumePlan) ->
 
         leftovers.record(run_dir, ray.get_runtime_context().gcs_address)
     try:
-        _fit(spec, run_dir, todo)
+        _fit(spec, run_dir, todo, remote)
     finally:
         local.shutdown(started_ray)
         if started_ray:
@@ -93,7 +100,7 @@ def _sensitivity_tables(spec, study, rows) -> dict:
     return summary_tables(rows, study, spec.objective.metrics[0], spec.objective.modes[0])
 
 
-def _fit(spec, run_dir: str, todo: ResumePlan) -> None:
+def _fit(spec, run_dir: str, todo: ResumePlan, remote: Optional[RemoteRun]) -> None:
     import ray
     from ray import tune
 
@@ -120,8 +127,10 @@ def _fit(spec, run_dir: str, todo: ResumePlan) -> None:
     scheduler = make_scheduler(spec.search.scheduler, metric, mode, spec.max_rounds, spec.search.grace_rounds,
                                spec.search.reduction_factor)
     threads = local.threads_per_worker(spec.search.concurrency, spec.resources.workers_per_trial)
-    tune_name = _tune_name(run_dir)
-    pool = start_pool(spec, run_dir, tune_name)   # worker groups that outlive trials (search/pool.py)
+    # Ray's state in RUN_DIR/ray, or in <storage_path>/<name>/ray where every node (and a later driver) finds it
+    storage_path, storage_filesystem = remote.ray_storage() if remote else (os.path.join(run_dir, "ray"), None)
+    tune_name = _tune_name(run_dir, remote)
+    pool = start_pool(spec, storage_path, storage_filesystem, tune_name)   # worker groups that outlive trials
     trainable = tune.with_parameters(tune_trial, spec=spec, run_dir=run_dir, threads_per_worker=threads, pool=pool)
     tuner = tune.Tuner(
         # the trial function only waits on its worker group, which holds the real resources; its actor
@@ -130,7 +139,8 @@ def _fit(spec, run_dir: str, todo: ResumePlan) -> None:
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=todo.to_run,
                                     max_concurrent_trials=spec.search.concurrency * spec.search.pack,
                                     reuse_actors=True),
-        run_config=tune.RunConfig(name=tune_name, storage_path=os.path.join(run_dir, "ray"), verbose=0,
+        run_config=tune.RunConfig(name=tune_name, storage_path=storage_path, storage_filesystem=storage_filesystem,
+                                  verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=0),
                                   callbacks=[ProgressLines(metric, mode, todo.to_run), CancelEndedTrials(pool)]),
     )
@@ -140,11 +150,12 @@ def _fit(spec, run_dir: str, todo: ResumePlan) -> None:
         ray.kill(pool)   # its worker groups go with it
 
 
-
-def _tune_name(run_dir: str) -> str:
+def _tune_name(run_dir: str, remote: Optional[RemoteRun]) -> str:
     """`tune` for the first driver, `tune-2`, `tune-3`... for the ones that resumed it."""
+    taken = (lambda name: remote.exists("ray", name)) if remote else \
+        (lambda name: os.path.exists(os.path.join(run_dir, "ray", name)))
     name, count = "tune", 1
-    while os.path.exists(os.path.join(run_dir, "ray", name)):
+    while taken(name):
         count += 1
         name = f"tune-{count}"
     return name

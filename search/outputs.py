@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from typing import Dict, List, Optional, Tuple
 
 from search import report, report_html
+from search.remote_storage import KEY, RemoteRun, one_line
 from search.results import best_trial, load_study, objectives, trial_rows, write_trials_csv
 from search.rundir import RunDirError, read_summary
 from search.storage import SQLITE_FILE, STUDY_NAME, StorageError, open_storage, redact_url, saved_storage
@@ -16,6 +18,7 @@ TRIALS_CSV = "trials.csv"
 BEST_DIR = "best"
 ADAPTER_CONFIG = "adapter_config.json"
 REFINEMENTS_ATTR = "refinements"  # study user attr: the search's own changes to its space
+log = logging.getLogger("peft_search")
 
 # peft_type -> the PEFT config class that builds it (the methods of trainers/settings.PEFT_METHODS)
 PEFT_CONFIG_CLASSES = {"LORA": "LoraConfig", "PROMPT_TUNING": "PromptTuningConfig",
@@ -62,6 +65,9 @@ def refresh(run_dir: str, wall_s: Optional[float] = None, storage: Optional[str]
     rows = trial_rows(study.get_trials(deepcopy=False), [metric for metric, _ in objs])
     write_trials_csv(rows, os.path.join(run_dir, TRIALS_CSV))
     best = best_trial(rows, objs)
+    remote = RemoteRun.of(summary.get("storage_path"), summary["name"])
+    if best is not None and remote is not None:
+        _fetch_trial(remote, run_dir, int(best["number"]))
     published = best is not None and _publish_best(run_dir, best)
     if wall_s is None:
         wall_s = previous_wall(run_dir)
@@ -79,7 +85,23 @@ def refresh(run_dir: str, wall_s: Optional[float] = None, storage: Optional[str]
         adapter_dir=os.path.join(run_dir, BEST_DIR) if published else None)
     report.write_report(run_dir, report.build_report(data))
     report_html.write_html(run_dir, report_html.build_html(data))
+    if remote is not None:
+        try:
+            remote.upload_outputs(run_dir)
+        except OSError as exc:   # the run directory keeps them; `peft-search report` uploads them again
+            log.warning(f"{KEY}: could not upload the outputs to {remote.url()}: {one_line(exc)}")
     return rows
+
+
+def _fetch_trial(remote: RemoteRun, run_dir: str, number: int) -> None:
+    """The trial's adapter from the store, where its worker ran on another node (no shared filesystem)."""
+    local = trial_dir(run_dir, number)
+    if os.path.isdir(os.path.join(local, "adapter")):
+        return
+    try:
+        remote.fetch_trial(local, number)
+    except OSError as exc:   # best/ stays as it was; the report says no adapter was saved
+        log.warning(f"{KEY}: could not fetch trial {number} from {remote.url()}: {one_line(exc)}")
 
 
 def _refinements(stored) -> list:

@@ -17,13 +17,13 @@ with the reason, and search/trial.py runs it again from its checkpoint on a grou
 from __future__ import annotations
 
 import gc
-import os
 import queue
 import threading
 from typing import Any, Dict, Optional, Tuple
 
 from ray.tune import Callback
 
+from search.remote_storage import KEY, one_line
 from search.searcher import TRIAL_NUMBER_KEY
 
 REPORT, END = "report", "end"
@@ -47,8 +47,9 @@ class TrialPool:
 
     Its methods block (a group waiting for a trial, a trial waiting for a report), each on its own thread."""
 
-    def __init__(self, slots: int, scaling, storage_path: str, name: str, pack: int = 1):
+    def __init__(self, slots: int, scaling, storage_path: str, name: str, pack: int = 1, storage_filesystem=None):
         self.slots, self.scaling, self.storage_path, self.name = slots, scaling, storage_path, name
+        self.storage_filesystem = storage_filesystem     # pyarrow's, when storage_path lies in object storage
         self.pack = pack                                 # trials a group trains at once (trainers/packed.py)
         self.jobs: queue.Queue = queue.Queue()           # (number, job)
         self.mailboxes: Dict[int, _Mailbox] = {}         # trials submitted and not yet ended
@@ -134,7 +135,8 @@ class TrialPool:
                          train_loop_config={"pool": ray.get_runtime_context().current_actor, "group": group,
                                             "pack": self.pack},
                          scaling_config=self.scaling,
-                         run_config=RunConfig(name=f"{self.name}-group{group}", storage_path=self.storage_path)).fit()
+                         run_config=RunConfig(name=f"{self.name}-group{group}", storage_path=self.storage_path,
+                                              storage_filesystem=self.storage_filesystem)).fit()
         except Exception as exc:   # a worker died (or the group could not start): its trial ends with why
             error = failure_reason(exc)
         with self.lock:
@@ -156,9 +158,9 @@ class CancelEndedTrials(Callback):
     on_trial_error = on_trial_complete
 
 
-def start_pool(spec, run_dir: str, name: str):
+def start_pool(spec, storage_path: str, storage_filesystem, name: str):
     """The search's TrialPool actor (it lives as long as the driver's Ray job or until `ray.kill`); its
-    groups' Ray Train runs are `name`-group0, -group1, ... in RUN_DIR/ray."""
+    groups' Ray Train runs are `name`-group0, -group1, ... in `storage_path` (RUN_DIR/ray, or the remote one)."""
     import ray
     from ray.train import ScalingConfig
 
@@ -172,7 +174,7 @@ def start_pool(spec, run_dir: str, name: str):
     slots, pack = spec.search.concurrency, spec.search.pack
     # threads: each group's rank 0 and each trial function wait inside the actor, plus short calls
     actor = ray.remote(TrialPool).options(num_cpus=0, max_concurrency=4 * slots * pack + 8)
-    return actor.remote(slots, scaling, os.path.join(run_dir, "ray"), name, pack)
+    return actor.remote(slots, scaling, storage_path, name, pack, storage_filesystem)
 
 
 # --- on every worker of a group
@@ -209,15 +211,19 @@ def run_job(job: Dict[str, Any], rank: int, pool, bases: "BaseCache") -> Optiona
 
     tracker = start_trial(job["run_dir"], job["search_name"], job["number"], job["params"],
                           job["tracking"]) if rank == 0 else None
+    settings, output_dir, remote = job["settings"], job["output_dir"], job.get("remote")
 
     def report(metrics: dict) -> None:
         if tracker is not None:
             tracker.log_round(metrics)
+        if remote is not None:   # the round's checkpoint (and, after the last, the adapter) is on disk now
+            mirror_round(remote, output_dir, job["number"])
         stop = ray.get(pool.put_report.remote(job["number"], metrics)) if rank == 0 else False
         if all_reduce([float(stop)], op="max")[0]:   # every rank stops at the same round
             raise TrialStopped()
 
-    settings, output_dir = job["settings"], job["output_dir"]
+    if remote is not None:
+        restore_from_store(remote, output_dir, job["number"])
     state, error = "FAIL", None
     try:
         # a retried trial, or one whose driver died, goes on from its last finished round
@@ -232,6 +238,48 @@ def run_job(job: Dict[str, Any], rank: int, pool, bases: "BaseCache") -> Optiona
         if tracker is not None:
             tracker.finish({}, state)
     return error
+
+
+def mirror_round(remote, output_dir: str, number: int) -> None:
+    """After a round, on every rank: the trial directory into the store. Each node uploads its own files (on
+    several nodes each holds its ranks' part of a DeepSpeed checkpoint), then rank 0 adds checkpoint/latest,
+    so the store never names a round that is there in part. An upload that failed anywhere fails the trial on
+    every rank together (TrialFailed): a rank raising alone would leave the others waiting in a collective."""
+    from trainers.distributed import all_reduce, barrier, current_context
+    from trainers.errors import TrialFailed
+
+    ctx = current_context()
+    problem = _transfer_problem(remote.upload_trial, output_dir, number) if ctx.local_rank == 0 else None
+    barrier()
+    if ctx.is_main and problem is None:
+        problem = _transfer_problem(remote.publish_checkpoint, output_dir, number)
+    if all_reduce([float(problem is not None)], op="max")[0]:
+        raise TrialFailed(problem or f"{KEY}: another node could not upload its part of the trial to "
+                                     f"{remote.url('trials')}")
+
+
+def restore_from_store(remote, output_dir: str, number: int) -> None:
+    """A trial retried on a node that never ran it (or whose driver moved): its checkpoint, from the store, on
+    each node (one download per node), before any rank looks for it. Without it the trial starts afresh."""
+    import logging
+
+    from trainers.checkpoint import has_checkpoint
+    from trainers.distributed import barrier, current_context
+
+    if current_context().local_rank == 0 and not has_checkpoint(output_dir):
+        problem = _transfer_problem(remote.restore_trial, output_dir, number)
+        if problem:   # a lost checkpoint costs the rounds it held, not the trial
+            logging.getLogger("peft_search").warning(f"trial {number}: {problem}; starting from its first round")
+    barrier()
+
+
+def _transfer_problem(transfer, output_dir: str, number: int) -> Optional[str]:
+    """None when `transfer(output_dir, number)` worked, else one line saying what failed."""
+    try:
+        transfer(output_dir, number)
+    except OSError as exc:   # pyarrow's S3 and network errors
+        return f"{KEY}: {transfer.__name__} of trial {number} failed: {one_line(exc)}"
+    return None
 
 
 def serve_packed(config: Dict[str, Any]) -> None:
@@ -285,6 +333,12 @@ def serve_packed(config: Dict[str, Any]) -> None:
             finished = pack.members[number].finished
             if finished:
                 metrics.update(pack.save(number, jobs[number]["output_dir"], metrics))
+                if jobs[number].get("remote") is not None:   # one worker: no collective to keep in step
+                    problem = _transfer_problem(jobs[number]["remote"].upload_trial, jobs[number]["output_dir"],
+                                                number)
+                    if problem:
+                        leave(number, "FAIL", problem)
+                        continue
             trackers[number].log_round(metrics)
             stop = ray.get(pool.put_report.remote(number, metrics))
             if finished or stop:

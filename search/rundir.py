@@ -7,6 +7,7 @@ from typing import Optional, Tuple
 
 import yaml
 
+from search.remote_storage import KEY, RemoteRun, RemoteStorageError
 from search.spec_fields import SpecError
 from search.storage import StorageError, check_storage, redact_url, study_name
 from trainers.records import DataError
@@ -33,6 +34,11 @@ def prepare_run_dir(spec, runs_dir: str, resume: bool = False) -> Tuple[str, dic
     problem = check_storage(spec.storage, run_dir, search_name=name)
     if problem:
         raise StorageError(problem)
+    remote = RemoteRun.of(spec.resources.storage_path, spec.name)
+    if remote is not None and not holds_search and remote.exists(SUMMARY_FILE):
+        # another search of this name (another driver's run directory) wrote there: its trials would mix in
+        raise RemoteStorageError(f"{KEY}: {remote.url()} already holds a search named {spec.name!r}; "
+                                 f"choose another `name` or storage_path")
     # Read first: the baseline reads the data (an HF dataset id downloads here, and may fail), and a
     # failure must leave no run directory behind.
     try:
@@ -67,6 +73,8 @@ def run_summary(spec) -> dict:
         # the password of a database URL is never written; PEFT_SEARCH_STORAGE supplies the full URL later
         "scheduler": spec.search.scheduler, "trials": spec.search.trials, "storage": redact_url(spec.storage),
         "study": study_name(spec.storage, spec.name),
+        # `report` fetches trials and uploads outputs there without the spec (it holds no credentials)
+        "storage_path": spec.resources.storage_path,
         "baseline": majority_baseline(spec),
     }
 

@@ -186,6 +186,9 @@ def _resolve_paths(raw: Dict[str, Any], base_dir: str) -> None:
     deepspeed = resources.get("deepspeed") if isinstance(resources, dict) else None
     if isinstance(deepspeed, dict) and isinstance(deepspeed.get("config"), str):
         resources["deepspeed"] = {**deepspeed, "config": _resolve_path(deepspeed["config"], base_dir)}
+    storage_path = resources.get("storage_path") if isinstance(resources, dict) else None
+    if isinstance(storage_path, str) and storage_path.strip() and "://" not in storage_path:
+        resources["storage_path"] = _resolve_path(storage_path, base_dir)   # a directory, not a URL
     model = raw.get("model")
     if isinstance(model, dict) and isinstance(model.get("name_or_path"), str):
         from trainers.hub import MODEL_ALIASES, looks_like_local_path

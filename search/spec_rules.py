@@ -206,6 +206,10 @@ def file_and_model_problems(parts: Mapping[str, Any], check_files: bool, check_m
         problems += data_problems(parts["data"], parts["model"].task)
     if check_files and parts.get("storage"):
         problems += storage_problems(parts["storage"], check_environment=True)
+    if check_files and parts.get("resources") and parts["resources"].storage_path:
+        from search.remote_storage import reach_problem
+
+        problems += [problem for problem in [reach_problem(parts["resources"].storage_path)] if problem]
     if check_files and all(parts.get(key) is not None for key in ("model", "training", "resources", "space")):
         problems += deepspeed_config_problems(parts["model"], parts["training"], parts["resources"], parts["space"])
     shape = None

@@ -208,17 +208,25 @@ class ResourcesSection(Section):
     # added: past this resident memory a worker's trial fails "out of memory" (trainers/memory_guard.py)
     memory_per_worker_gb: Optional[float] = rule(None, "float", nullable=True, low=0, low_open=True)
     deepspeed: DeepSpeedSection = rule(type="section", section=DeepSpeedSection)
+    # added: s3://BUCKET/PREFIX (or a directory every node sees) that receives Ray's state, every trial's
+    # directory and the outputs under <storage_path>/<name>/, so a cluster needs no shared filesystem
+    # (search/remote_storage.py); null: the run directory only
+    storage_path: Optional[str] = rule(None, nullable=True)
 
     def extra_problems(self) -> List[str]:
+        from search.remote_storage import storage_path_problems
+
+        problems = storage_path_problems(self.storage_path)
         gpus = self.gpus_per_worker
         if gpus > 1 and not gpus.is_integer():
-            return [f"resources.gpus_per_worker: must be a whole number, or a fraction below 1 to share a GPU, "
-                    f"got {gpus}"]
+            return problems + [f"resources.gpus_per_worker: must be a whole number, or a fraction below 1 to share "
+                               f"a GPU, got {gpus}"]
         if self.workers_per_trial > 1 and not gpus.is_integer():
-            return [f"resources.gpus_per_worker: a fraction shares one GPU between workers, but each rank of a "
-                    f"multi-worker trial needs a GPU of its own (NCCL refuses two ranks on one device); use a "
-                    f"whole number or workers_per_trial: 1, got {gpus} with workers_per_trial={self.workers_per_trial}"]
-        return []
+            return problems + [
+                f"resources.gpus_per_worker: a fraction shares one GPU between workers, but each rank of a "
+                f"multi-worker trial needs a GPU of its own (NCCL refuses two ranks on one device); use a "
+                f"whole number or workers_per_trial: 1, got {gpus} with workers_per_trial={self.workers_per_trial}"]
+        return problems
 
 
 @dataclass(frozen=True)

@@ -115,9 +115,9 @@ def _first_line(exc: BaseException, url: str) -> str:
 
 
 # A password in a URL: `user:PASSWORD@` (up to the last `@`: SQLAlchemy accepts a `/` in it) or a query parameter
-# (`?password=PASSWORD`, which libpq takes too).
+# (`?password=PASSWORD`, which libpq takes too; `?secret_key=...` as object-store URLs of other tools carry keys).
 _USERINFO_PASSWORD = re.compile(r"(?<=://)([^:/@]*):(.*)@")
-_QUERY_PASSWORD = re.compile(r"(?i)([?&](?:password|passwd|pwd)=)([^&#]*)")
+_QUERY_PASSWORD = re.compile(r"(?i)([?&](?:password|passwd|pwd|access_key|secret_key|session_token)=)([^&#]*)")
 
 
 def redact_url(url: str) -> str:

@@ -10,6 +10,7 @@ import os
 import re
 from typing import Any, Dict
 
+from search.remote_storage import RemoteRun, trial_parts
 from search.searcher import FAIL_REASON_KEY, TRIAL_NUMBER_KEY
 
 TRIALS_SUBDIR = "trials"
@@ -51,8 +52,11 @@ def tune_trial(config: Dict[str, Any], spec, run_dir: str, threads_per_worker: i
     output_dir = trial_dir(run_dir, number)
     os.makedirs(output_dir, exist_ok=True)
     write_settings(settings, output_dir)  # best/ copies it; the report's reproduce command reads it
+    remote = RemoteRun.of(spec.resources.storage_path, spec.name)
+    if remote is not None:   # this function's node need not be the worker's, whose uploads have the rest
+        remote.upload(os.path.join(output_dir, SETTINGS_FILE), *trial_parts(number, SETTINGS_FILE))
     job = {"settings": settings, "output_dir": output_dir, "run_dir": run_dir, "number": number,
-           "search_name": spec.name, "params": spec.decode(params), "tracking": spec.tracking}
+           "search_name": spec.name, "params": spec.decode(params), "tracking": spec.tracking, "remote": remote}
     retries = spec.search.max_failures
     for attempt in range(retries + 1):
         ray.get(pool.submit.remote(number, job))

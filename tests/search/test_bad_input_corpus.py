@@ -259,13 +259,26 @@ CASES = [
     Case("storage-not-a-string", lambda w: w.spec({"storage": 5}), ["storage: must be 'sqlite' or a database URL"]),
     Case("storage-sqlite-dir-missing", lambda w: w.spec({"storage": "sqlite:////no/such/dir/study.db"}),
          ["storage: directory /no/such/dir of the sqlite file does not exist"]),
+    # --- resources.storage_path: results on object storage (search/remote_storage.py)
+    Case("storage-path-unknown-scheme", lambda w: w.spec({"resources.storage_path": "ftp://files.example/runs"}),
+         ["resources.storage_path: unknown scheme 'ftp'"]),
+    Case("storage-path-credentials-in-url",
+         lambda w: w.spec({"resources.storage_path": "s3://AKIAEXAMPLE:corpus-secret-key@bucket/runs"}),
+         ["resources.storage_path: credentials come from the environment", "'s3://AKIAEXAMPLE:***@bucket/runs'"]),
+    # nothing listens on port 1: the S3 client's retries make this case take a few seconds
+    Case("storage-path-unreachable-endpoint",
+         lambda w: w.spec({"resources.storage_path": "s3://bucket/runs?endpoint_override=http://127.0.0.1:1"}),
+         ["resources.storage_path: cannot reach s3://bucket/runs?endpoint_override=http://127.0.0.1:1"]),
+    Case("storage-path-directory-missing", lambda w: w.spec({"resources.storage_path": "no-such-results-dir"}),
+         ["resources.storage_path: directory", "no-such-results-dir does not exist"]),
     Case("tracking-unknown", lambda w: w.spec({"tracking.wandb": "sometimes"}),
          ["tracking.wandb: must be one of offline, online, disabled"]),
 ]
 
 # A handful that `validate` must refuse as well (its own code path: no run directory involved).
 VALIDATE_IDS = ["malformed-yaml", "python-object-tag", "duplicate-key", "rank-zero", "empty-dataset",
-                "single-label-class", "eval-overlaps-train", "name-dotdot", "gpus-on-this-machine", "storage-redis"]
+                "single-label-class", "eval-overlaps-train", "name-dotdot", "gpus-on-this-machine", "storage-redis",
+                "storage-path-unknown-scheme"]
 
 
 # --- what "nothing happened" means ---------------------------------------------------------------------
