@@ -146,8 +146,13 @@ class SearchSection(Section):
     # (killed, node lost); a failure that would repeat (divergence, out of memory) is never retried
     max_failures: int = rule(2, "int", low=0)
     # added: trials each worker group trains at once on its one base (packed LoRA, trainers/packed.py): each
-    # keeps its own rows, adapter, optimizer and reports; up to concurrency * pack trials run at a time
-    pack: int = rule(1, "int", low=1)
+    # keeps its own rows, adapter, optimizer and reports; up to concurrency * pack trials run at a time.
+    # auto: a short probe calibrates a cost model (trainers/cost_model.py) and picks the largest K that fits
+    # the memory budget and still adds >= 5% tokens/s, at most pack_max (search/packing.py)
+    pack: Union[int, str] = rule(1, "int", low=1, words=("auto",))
+    # added: the largest K that pack: auto may choose (also capped by trials / concurrency); concurrency * K
+    # trials run at once, each sampled without the results of the others, so a small search may want less
+    pack_max: int = rule(16, "int", low=1)
     # added: refine the space every this many finished trials (0: off; the first time once 10 trials are
     # complete): fix settings that do not matter, narrow those that do (search/refine.py)
     refine_every: int = rule(0, "int", low=0)
@@ -205,6 +210,9 @@ class ResourcesSection(Section):
     workers_per_trial: int = rule(1, "int", low=1)
     gpus_per_worker: float = rule(0.0, "float", low=0)   # fractions share a GPU between trials
     cpus_per_worker: float = rule(1.0, "float", low=0, low_open=True)  # logical CPUs Ray reserves per worker
+    # added: GiB one worker group's pack may plan to use (search.pack: auto): device memory on a GPU, host
+    # memory on CPU. null: measured free memory x this group's share x 0.85 (trainers/pack_probe.py)
+    memory_budget_gb: Optional[float] = rule(None, "float", low=0, low_open=True, nullable=True)
     deepspeed: DeepSpeedSection = rule(type="section", section=DeepSpeedSection)
 
     def extra_problems(self) -> List[str]:
