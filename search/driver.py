@@ -16,6 +16,7 @@ from search.resume import DriverLock, ResumePlan, plan, record_or_check
 from search.rundir import prepare_run_dir, write_run_files
 from search.progress import ProgressLines
 from search.schedulers import make_scheduler
+from search.packing import choose_pack
 from search.pool import CancelEndedTrials, start_pool
 from search.searcher import PeftOptunaSearch, make_sampler
 from search.storage import StorageError, open_storage, study_name
@@ -121,14 +122,15 @@ def _fit(spec, run_dir: str, todo: ResumePlan) -> None:
                                spec.search.reduction_factor)
     threads = local.threads_per_worker(spec.search.concurrency, spec.resources.workers_per_trial)
     tune_name = _tune_name(run_dir)
-    pool = start_pool(spec, run_dir, tune_name)   # worker groups that outlive trials (search/pool.py)
+    pack = choose_pack(spec, run_dir, threads, resumed=todo.asked > 0)   # search.pack, or the cost model's K
+    pool = start_pool(spec, run_dir, tune_name, pack)   # worker groups that outlive trials (search/pool.py)
     trainable = tune.with_parameters(tune_trial, spec=spec, run_dir=run_dir, threads_per_worker=threads, pool=pool)
     tuner = tune.Tuner(
         # the trial function only waits on its worker group, which holds the real resources; its actor
         # is reused for the next trial (one process start less per trial)
         tune.with_resources(trainable, {"cpu": 0.01}),
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=todo.to_run,
-                                    max_concurrent_trials=spec.search.concurrency * spec.search.pack,
+                                    max_concurrent_trials=spec.search.concurrency * pack,
                                     reuse_actors=True),
         run_config=tune.RunConfig(name=tune_name, storage_path=os.path.join(run_dir, "ray"), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=0),
@@ -138,7 +140,6 @@ def _fit(spec, run_dir: str, todo: ResumePlan) -> None:
         tuner.fit()
     finally:
         ray.kill(pool)   # its worker groups go with it
-
 
 
 def _tune_name(run_dir: str) -> str:

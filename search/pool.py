@@ -132,7 +132,7 @@ class TrialPool:
         try:
             TorchTrainer(serve_packed if self.pack > 1 else serve_trials,
                          train_loop_config={"pool": ray.get_runtime_context().current_actor, "group": group,
-                                            "pack": self.pack},
+                                            "pack": self.pack, "name": self.name},
                          scaling_config=self.scaling,
                          run_config=RunConfig(name=f"{self.name}-group{group}", storage_path=self.storage_path)).fit()
         except Exception as exc:   # a worker died (or the group could not start): its trial ends with why
@@ -156,9 +156,10 @@ class CancelEndedTrials(Callback):
     on_trial_error = on_trial_complete
 
 
-def start_pool(spec, run_dir: str, name: str):
+def start_pool(spec, run_dir: str, name: str, pack: int):
     """The search's TrialPool actor (it lives as long as the driver's Ray job or until `ray.kill`); its
-    groups' Ray Train runs are `name`-group0, -group1, ... in RUN_DIR/ray."""
+    groups' Ray Train runs are `name`-group0, -group1, ... in RUN_DIR/ray; each trains up to `pack` trials
+    at once (search/packing.choose_pack)."""
     import ray
     from ray.train import ScalingConfig
 
@@ -169,7 +170,7 @@ def start_pool(spec, run_dir: str, name: str):
         resources_per_worker={"CPU": resources.cpus_per_worker,
                               **({"GPU": resources.gpus_per_worker} if resources.gpus_per_worker else {})},
     )
-    slots, pack = spec.search.concurrency, spec.search.pack
+    slots = spec.search.concurrency
     # threads: each group's rank 0 and each trial function wait inside the actor, plus short calls
     actor = ray.remote(TrialPool).options(num_cpus=0, max_concurrency=4 * slots * pack + 8)
     return actor.remote(slots, scaling, os.path.join(run_dir, "ray"), name, pack)
@@ -238,19 +239,22 @@ def serve_packed(config: Dict[str, Any]) -> None:
     """A one-worker group's loop with packing: up to `pack` trials train together on one base
     (trainers/packed.py), each reporting its own rounds; a member that ends or that Tune stops leaves the pack
     and the next trial takes its place at once. Packed trials keep no round checkpoints: one interrupted
-    starts again from its first round."""
+    starts again from its first round. The group's steps are measured per pack size (StepMeter) for the
+    report's Packing section."""
     import ray
 
+    from search.packing import record_measured
     from search.tracking import start_trial
+    from trainers.pack_probe import StepMeter
     from trainers.packed import Pack
 
     pool, group, size = config["pool"], config["group"], config["pack"]
-    bases, pack, jobs, trackers = BaseCache(), None, {}, {}
+    bases, pack, meter, jobs, trackers = BaseCache(), None, None, {}, {}
 
     def leave(number, state, error=None):
         pack.remove(number)
         trackers.pop(number).finish({}, state)
-        jobs.pop(number)
+        record_measured(jobs.pop(number)["run_dir"], config["name"], group, meter)
         ray.get(pool.finish.remote(group, number, error))
 
     while True:
@@ -261,6 +265,7 @@ def serve_packed(config: Dict[str, Any]) -> None:
             number = job["number"]
             if pack is None:
                 pack = Pack(bases.get(job["settings"]))
+                meter = meter or StepMeter(pack.device)
             try:
                 pack.add(number, job["settings"])
             except ValueError as exc:
@@ -268,7 +273,7 @@ def serve_packed(config: Dict[str, Any]) -> None:
                 continue
             jobs[number] = job
             trackers[number] = start_trial(job["run_dir"], job["search_name"], number, job["params"], job["tracking"])
-        result = pack.step()
+        result = meter.step(pack)
         for number, reason in result.failed.items():
             leave(number, "FAIL", reason)
         for number in result.round_ends:

@@ -19,6 +19,7 @@ import torch
 
 from trainers.cost_model import K_MAX, MIN_GAIN, BaseShape, CostModel, Measurement, MemberShape, choose_k
 from trainers.data import CAUSAL_LM
+from trainers.kernels import wants_checkpointing
 from trainers.model import LoadedBase
 from trainers.packed import Pack
 from trainers.settings import TrialSettings
@@ -53,7 +54,7 @@ def base_shape(base: LoadedBase) -> BaseShape:
     return BaseShape(params=matmul + others, matmul_params=matmul, quantized_params=quantized, hidden=hidden,
                      layers=layers, logit_width=text.vocab_size if base.task == CAUSAL_LM else 0,
                      quantization=base.quantization, dtype_bytes=torch.finfo(base.dtype).bits // 8,
-                     checkpointing=bool(getattr(model, "is_gradient_checkpointing", False)))
+                     checkpointing=base.settings is not None and wants_checkpointing(base.settings))
 
 
 def _probe_settings(settings: TrialSettings, rows: int, seed: int) -> TrialSettings:
@@ -88,7 +89,7 @@ def measure_pack(base: LoadedBase, settings: TrialSettings, k: int, rows: int, s
         for _ in range(warmup):
             pack.step()
         _sync(device)
-        reset_window_peak(device)
+        reset_window_peak(device, trim=True)
         started = time.perf_counter()
         for _ in range(steps):
             failed = pack.step().failed

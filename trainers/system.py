@@ -30,13 +30,22 @@ def reset_peak_mem(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def reset_window_peak(device: torch.device) -> None:
+def reset_window_peak(device: torch.device, trim: bool = False) -> None:
     """Start a window whose peak memory `window_peak_bytes` reads: CUDA's peak statistics, or on Linux the
     process' peak RSS (VmHWM), which writing 5 to /proc/self/clear_refs resets to the current RSS. (tracemalloc
-    sees none of torch's CPU tensors, which come from its own allocator.)"""
+    sees none of torch's CPU tensors, which come from its own allocator.) `trim` first hands the heap's free
+    memory back to the OS (glibc malloc_trim), else memory freed before the window still counts in it; it
+    walks the heap, so it is for probes, not for every training step."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return
+    if trim:
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):   # not glibc: the window then starts above the freed memory
+            pass
     try:
         with open("/proc/self/clear_refs", "w") as handle:
             handle.write("5")
