@@ -61,8 +61,8 @@ def _probe_on_a_worker(spec, threads: int) -> Dict[str, Any]:
     # of the host's memory between the concurrent groups
     share = resources.gpus_per_worker or 1.0 / spec.search.concurrency
     budget = resources.memory_budget_gb * 2 ** 30 if resources.memory_budget_gb else None
-    task = ray.remote(probe_decision).options(num_cpus=resources.cpus_per_worker,
-                                              num_gpus=resources.gpus_per_worker, max_calls=1)
+    task = ray.remote(num_cpus=resources.cpus_per_worker, num_gpus=resources.gpus_per_worker,
+                      max_calls=1)(probe_decision)
     return ray.get(task.remote(costliest_settings(spec), k_max(spec), budget, share, threads))
 
 
@@ -110,7 +110,7 @@ def read_json(path: str) -> Optional[Dict[str, Any]]:
     try:
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)
-    except (OSError, ValueError):   # missing, or cut short by a kill mid-write of an older version
+    except (OSError, ValueError):   # missing (a run from before packing.json, or no packed step yet), not JSON
         return None
 
 

@@ -176,7 +176,7 @@ def choose_k(model: CostModel, member: MemberShape, budget_bytes: float, k_max: 
     least `min_gain` of tokens/s. K=1 (no packing) when even one member does not fit: that is what the
     trial would need alone anyway, and it fails with its own out-of-memory error if it does not fit."""
     rows: List[Dict[str, float]] = []
-    chosen, reason = 1, f"k_max {k_max} reached"
+    chosen, reason = 1, f"the cap of {k_max} was reached (search.pack_max, or trials / concurrency)"
     for k in range(1, k_max + 1):
         members = [member] * k
         row = {"k": k, "memory_bytes": model.memory_bytes(members), "step_s": model.step_s(members),
