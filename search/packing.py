@@ -63,10 +63,12 @@ def _probe_on_a_worker(spec, threads: int) -> Dict[str, Any]:
     budget = resources.memory_budget_gb * 2 ** 30 if resources.memory_budget_gb else None
     task = ray.remote(num_cpus=resources.cpus_per_worker, num_gpus=resources.gpus_per_worker,
                       max_calls=1)(probe_decision)
-    return ray.get(task.remote(costliest_settings(spec), k_max(spec), budget, share, threads))
+    return ray.get(task.remote(costliest_settings(spec), k_max(spec), budget, share, spec.search.pack_min_gain,
+                               threads))
 
 
-def probe_decision(settings, k_max: int, budget_bytes: Optional[float], share: float, threads: int) -> Dict[str, Any]:
+def probe_decision(settings, k_max: int, budget_bytes: Optional[float], share: float, min_gain: float,
+                   threads: int) -> Dict[str, Any]:
     """On a worker: load the base as a group would, probe and choose K (trainers.pack_probe.decide)."""
     import torch
 
@@ -79,7 +81,7 @@ def probe_decision(settings, k_max: int, budget_bytes: Optional[float], share: f
     rows = read_trial_rows(settings.data, settings.model.task)
     base = load_base(settings.model, num_labels=len(rows.labels) if rows.labels else None,
                      device=current_context().device)
-    return decide(base, settings, k_max=k_max, budget_bytes=budget_bytes, share=share)
+    return decide(base, settings, k_max=k_max, budget_bytes=budget_bytes, share=share, min_gain=min_gain)
 
 
 def record_measured(run_dir: str, name: str, group: int, meter) -> None:

@@ -48,7 +48,9 @@ def packing_section(packing: Optional[Mapping[str, Any]]) -> Optional[Section]:
     if measured:
         blocks.append(
             "Measured in the search's packed steps, per number of trials that trained together (all groups; tokens "
-            "are token positions, padding included; on CPU the peak is the worker process' resident memory)."
+            "are token positions, padding included). On CPU a peak is the worker process' whole resident memory, "
+            "which holds more than the probe's process did (Ray Train, the members' data and eval batches): "
+            "compare differences between pack sizes there, not absolute values."
             + (" Predicted: for the measured mean width per trial (tokens/s) and the widest step (peak); the "
                "probe's rows are full width and its adapter the largest rank's, so real steps are usually lighter."
                if model else ""))

@@ -153,6 +153,9 @@ class SearchSection(Section):
     # added: the largest K that pack: auto may choose (also capped by trials / concurrency); concurrency * K
     # trials run at once, each sampled without the results of the others, so a small search may want less
     pack_max: int = rule(16, "int", low=1)
+    # added: pack: auto adds a member only while it adds at least this share of predicted tokens/s;
+    # 0: as many as fit the memory budget (up to pack_max)
+    pack_min_gain: float = rule(0.05, "float", low=0, high=1)
     # added: refine the space every this many finished trials (0: off; the first time once 10 trials are
     # complete): fix settings that do not matter, narrow those that do (search/refine.py)
     refine_every: int = rule(0, "int", low=0)

@@ -173,7 +173,7 @@ class Choice:
 def choose_k(model: CostModel, member: MemberShape, budget_bytes: float, k_max: int = K_MAX,
              min_gain: float = MIN_GAIN) -> Choice:
     """The largest K <= k_max whose predicted peak fits `budget_bytes` and whose last member still adds at
-    least `min_gain` of tokens/s. K=1 (no packing) when even one member does not fit: that is what the
+    least `min_gain` of tokens/s (0: any K that fits). K=1 (no packing) when even one member does not fit: that is what the
     trial would need alone anyway, and it fails with its own out-of-memory error if it does not fit."""
     rows: List[Dict[str, float]] = []
     chosen, reason = 1, f"the cap of {k_max} was reached (search.pack_max, or trials / concurrency)"
@@ -187,7 +187,7 @@ def choose_k(model: CostModel, member: MemberShape, budget_bytes: float, k_max: 
             reason = (f"K={k} would need {row['memory_bytes'] / 2**20:.0f} MiB, over the budget of "
                       f"{budget_bytes / 2**20:.0f} MiB")
             break
-        if k > 1 and row["gain"] < min_gain:
+        if k > 1 and min_gain > 0 and row["gain"] < min_gain:   # 0: no gain asked (float rounding aside)
             reason = f"K={k} would add {row['gain']:.1%} tokens/s, under the {min_gain:.0%} worth a member"
             break
         chosen = k

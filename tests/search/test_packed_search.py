@@ -1,11 +1,11 @@
-"""A search with `search.pack: auto` (at most 3): a probe on a worker chooses K (trainers/pack_probe.py), and the
-trials of one worker group train together (trainers/packed.py), each its own Optuna trial with its own row,
-report and adapter; a diverging member fails alone. The report's Packing section shows the choice and the
-steps measured.
+"""A search with `search.pack: auto`: a probe on a worker calibrates the cost model (trainers/pack_probe.py), and
+the trials of one worker group train together (trainers/packed.py), each its own Optuna trial with its own
+row, report and adapter; a diverging member fails alone. The report's Packing section shows the choice and
+the steps measured.
 
-K comes from measured step times on a shared CPU, so it is not fixed: on an idle machine this tiny model
-gains 15% tokens/s from a third member and K is 3; a slow probe step could make it 2 or 1. The assertions
-hold for any K (engine "packed" only when K > 1)."""
+pack_min_gain: 0 (pack as many as fit, up to pack_max 3): the gain rule reads step times, which on a shared
+2-core CPU may say anything (seen: +15% from a third member on an idle machine, +0% under load 30), and the
+test needs K = 3 to test packing; the memory budget (host memory) fits 3 tiny members many times over."""
 import csv
 import json
 import subprocess
@@ -33,7 +33,7 @@ def test_packed_trials_are_each_their_own_trial(tmp_path):
         "training": {"epochs": 2, "batch_size": 16},
         "objective": {"metric": "eval_accuracy", "mode": "max"},
         "search": {"algorithm": "grid", "trials": 6, "concurrency": 1, "pack": "auto", "pack_max": 3,
-                   "scheduler": "none"},
+                   "pack_min_gain": 0, "scheduler": "none"},
         "resources": {"deepspeed": {"enabled": False}},
         "tracking": {"wandb": "disabled"},
     }
@@ -47,13 +47,13 @@ def test_packed_trials_are_each_their_own_trial(tmp_path):
         rows = list(csv.DictReader(handle))
     assert len(rows) == 6
     packing = json.loads((run_dir / "packing.json").read_text())
-    k = packing["k"]
-    assert packing["chosen_by"] == "cost model" and 1 <= k <= 3 and [p["k"] for p in packing["probe"]] == [1, 1, 2]
-    report = (run_dir / "report.md").read_text()
-    section = report.split("## Packing", 1)[1].split("\n## ", 1)[0]
-    assert f"**K = {k}**, chosen by the cost model" in section
-    if k > 1:   # the packing group's measured steps, beside the prediction
-        assert "Measured in the search's packed steps" in section and "predicted peak MiB" in section
+    assert packing["chosen_by"] == "cost model" and packing["k"] == 3, packing
+    assert [p["k"] for p in packing["probe"]] == [1, 1, 2] and all(p["peak_bytes"] > 0 for p in packing["probe"])
+    section = (run_dir / "report.md").read_text().split("## Packing", 1)[1].split("\n## ", 1)[0]
+    assert "**K = 3**, chosen by the cost model" in section and "the cap of 3 was reached" in section
+    # the packing group's measured steps, beside the prediction
+    measured = section.split("Measured in the search's packed steps", 1)[1]
+    assert "| K | steps | tokens/s | predicted tokens/s | peak MiB | predicted peak MiB |" in measured
     for row in rows:
         if float(row["param_learning_rate"]) > 1:
             assert row["state"] == "FAIL" and "diverged" in row["fail_reason"], row
@@ -61,7 +61,7 @@ def test_packed_trials_are_each_their_own_trial(tmp_path):
             assert row["state"] == "COMPLETE" and row["rounds"] == "2", row
             trial_dir = run_dir / "trials" / f"{int(row['number']):04d}"
             assert (trial_dir / "adapter" / "adapter_model.safetensors").is_file()
-            assert (json.loads((trial_dir / "metrics.json").read_text())["engine"] == "packed") == (k > 1)
+            assert json.loads((trial_dir / "metrics.json").read_text())["engine"] == "packed"
     # the best trial's adapter is a PEFT adapter of its own rank
     base = AutoModelForSequenceClassification.from_pretrained(model, num_labels=2)
     best = PeftModel.from_pretrained(base, str(run_dir / "best"))

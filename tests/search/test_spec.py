@@ -108,6 +108,8 @@ REJECTIONS = [
     ("pack-auto-not-lora", {**PROMPT, "space": {"num_virtual_tokens": [1, 5]}, "search.pack": "auto"},
      "search.pack: auto: packed trials train together only as LoRA adapters", "got peft.method=prompt-tuning"),
     ("pack-max-zero", {"search.pack": "auto", "search.pack_max": 0}, "search.pack_max: must be >= 1, got 0", ""),
+    ("pack-min-gain-above-one", {"search.pack": "auto", "search.pack_min_gain": 1.5},
+     "search.pack_min_gain: must be <= 1, got 1.5", ""),
     ("memory-budget-zero", {"search.pack": "auto", "resources.memory_budget_gb": 0},
      "resources.memory_budget_gb: must be > 0, got 0", ""),
     ("memory-budget-without-auto", {"search.pack": 2, "resources.memory_budget_gb": 8},

@@ -3,8 +3,9 @@ and 2 members, and the model's memory for 3 members is checked against a measure
 
 On CPU the peak is the process' resident memory (~0.5 GiB of Python and libraries, the same in every
 measurement); what the pack adds over one member at 16 rows x 128 tokens is ~30 MiB a member here
-(activations, logits, adapter states). Seen: measured increment K=1 -> K=3 62.5 MiB, predicted 59.9 (4%);
-the test allows 30% of it, as allocator rounding and heap fragmentation move RSS by a few MiB. Step times
+(activations, logits, adapter states). Seen in two runs: measured increment K=1 -> K=3 62.5 and 65.4 MiB,
+predicted 59.9 and 71.0 (-4%, +9%); the test allows 30% of it, as allocator rounding and heap fragmentation
+move RSS by a few MiB. The absolute peak (within 1% seen) is allowed 10%. Step times
 are not asserted (tests never assert on wall-clock time: this machine is shared); the benchmark
 benchmarks/packed_throughput.py --cost-model prints them."""
 from __future__ import annotations
@@ -25,14 +26,14 @@ def probed(tiny_llama, lm_data):
     settings = lm_settings(tiny_llama, lm_data, batch_size=16)
     settings = replace(settings, data=replace(settings.data, max_length=128))
     base = load_base(settings.model)
-    return base, settings, decide(base, settings, k_max=8)
+    return base, settings, decide(base, settings, k_max=8, steps=2)
 
 
 def test_probe_predicts_the_memory_of_a_larger_pack(probed):
     base, settings, decision = probed
     model = CostModel.from_dict(decision)
     measured_one = next(p for p in decision["probe"] if p["k"] == 1 and p["rows"] == 16)["peak_bytes"]
-    three = measure_pack(base, settings, 3, 16, steps=3, warmup=1)
+    three = measure_pack(base, settings, 3, 16, steps=2, warmup=1)
     predicted = model.memory_bytes(three.members)
     assert predicted == pytest.approx(three.peak_bytes, rel=0.1)
     increment = three.peak_bytes - measured_one
