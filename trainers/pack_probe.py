@@ -105,9 +105,9 @@ def measure_pack(base: LoadedBase, settings: TrialSettings, k: int, rows: int, s
 def probe(base: LoadedBase, settings: TrialSettings, steps: int = 3, warmup: int = 1):
     """(fitted CostModel, the measurements it was fitted to, the member shape of `settings`)."""
     rows = settings.training.batch_size
-    points = ([(1, rows // 2)] if rows > 1 else []) + [(1, rows), (2, rows)]   # ascending memory (see below)
-    # Ascending: on CPU a freed heap stays resident, and a smaller point after a larger one would read the
-    # larger one's peak.
+    # In ascending memory: on CPU, heap memory that glibc does not hand back (malloc_trim aside) would make a
+    # smaller point after a larger one read the larger one's peak.
+    points = ([(1, rows // 2)] if rows > 1 else []) + [(1, rows), (2, rows)]
     measurements = [measure_pack(base, settings, k, r, steps, warmup) for k, r in points]
     model = CostModel(base_shape(base)).fitted(measurements)
     return model, measurements, measurements[-1].members[0]
