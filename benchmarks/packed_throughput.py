@@ -14,6 +14,11 @@ tokens/s counts every trial's tokens; ratios are packed / solo and packed / solo
 
     python benchmarks/packed_throughput.py                         # CUDA: 1B shape, K in {8, 16}
     python benchmarks/packed_throughput.py --device cpu --tiny     # the same code on a tiny LLaMA, in seconds
+    python benchmarks/packed_throughput.py --cost-model            # + the cost model's prediction per K
+
+--cost-model probes the base first (trainers/pack_probe.decide: packs of 1 and 2 trials at the largest rank)
+and sets its predicted peak memory and tokens/s for each K's mixed ranks beside the packed arm's measured
+ones (peak: CUDA's max allocated, or on CPU the process' peak RSS over the arm), and the K it would choose.
 
 Writes JSON to --out (default benchmarks/results/packed_throughput_<device>.json) after every measurement
 and prints a markdown table last. No Ray, DeepSpeed or Optuna is imported.
@@ -58,6 +63,7 @@ def trial_settings(path: str, data: Dict[str, str], options: Dict[str, Any], ind
 
 def packed_arm(base, trials: List[Any], args, device, timing: Callable) -> Dict[str, Any]:
     from trainers.packed import Pack
+    from trainers.system import reset_window_peak, window_peak_bytes
 
     pack = Pack(base, device)
     try:
@@ -72,9 +78,13 @@ def packed_arm(base, trials: List[Any], args, device, timing: Callable) -> Dict[
                 if failed:
                     raise RuntimeError(f"packed members failed: {failed}")
 
+        reset_window_peak(device, trim=True)   # the arm's own peak, also on CPU (gpu.measure's is the process')
         figures = timing(run_steps, len(trials) * args.seq)
+        peak = window_peak_bytes(device)
         return {**figures, "setup_s": round(add_s, 3),
-                "trainable": sum(member.trainable_params for member in pack.members.values())}
+                "window_peak_gib": round(peak / 2 ** 30, 3) if peak is not None else None,
+                "trainable": sum(member.trainable_params for member in pack.members.values()),
+                "member_trainable": [member.trainable_params for member in pack.members.values()]}
     finally:
         pack.close()
 
@@ -173,6 +183,10 @@ def run(args) -> Dict[str, Any]:
         def timing(run_steps: Callable[[int], None], tokens_per_step: int) -> Dict[str, Any]:
             return gpu.measure(run_steps, device, args.warmup, args.steps, tokens_per_step, flops, peak)
 
+        model = None
+        if args.cost_model:
+            model = probe_model(base, trial_settings(path, data, options, 0, max(args.ranks), args), args, summary)
+            write()
         for k in args.ks:
             ranks = ranks_for(k, args.ranks)
             trials = [trial_settings(path, data, options, index, r, args) for index, r in enumerate(ranks)]
@@ -187,6 +201,8 @@ def run(args) -> Dict[str, Any]:
                     figures = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
                 gpu.free_memory()
                 row["arms"][arm] = figures
+                if arm == "packed" and model is not None and "tokens_per_s" in figures:
+                    row["cost_model"] = predicted_vs_measured(model, figures, args)
                 packed = row["arms"].get("packed")
                 row["ratios"] = {f"packed/{name}": gpu.ratios(other, packed) for name, other in row["arms"].items()
                                  if name != "packed" and packed and "tokens_per_s" in packed
@@ -198,6 +214,32 @@ def run(args) -> Dict[str, Any]:
     write()
     print(markdown(summary))
     return summary
+
+
+def probe_model(base, settings, args, summary: Dict[str, Any]):
+    """Calibrate the cost model on this base and device at the largest rank (kept in summary["cost_model"])."""
+    from trainers.cost_model import CostModel
+    from trainers.pack_probe import decide
+
+    decision = decide(base, settings, k_max=max(args.ks), steps=args.steps, warmup=args.warmup)
+    summary["cost_model"] = decision
+    print(json.dumps({"cost_model_k": decision["k"], "reason": decision["reason"], "probe": decision["probe"]}),
+          flush=True)
+    return CostModel.from_dict(decision)
+
+
+def predicted_vs_measured(model, figures: Dict[str, Any], args) -> Dict[str, Any]:
+    """The model's peak and tokens/s for the arm's members (their own adapter sizes, batch 1 x seq) beside
+    the arm's measurements, and their ratios (predicted / measured)."""
+    from trainers.cost_model import MemberShape
+
+    members = [MemberShape(1, args.seq, trainable) for trainable in figures["member_trainable"]]
+    predicted_gib, predicted_tps = model.memory_bytes(members) / 2 ** 30, model.tokens_per_s(members)
+    measured_gib = figures.get("window_peak_gib")
+    return {"predicted_peak_gib": round(predicted_gib, 3), "measured_peak_gib": measured_gib,
+            "peak_ratio": round(predicted_gib / measured_gib, 3) if measured_gib else None,
+            "predicted_tokens_per_s": round(predicted_tps, 1), "measured_tokens_per_s": figures["tokens_per_s"],
+            "tokens_per_s_ratio": round(predicted_tps / figures["tokens_per_s"], 3)}
 
 
 def markdown(summary: Dict[str, Any]) -> str:
@@ -213,6 +255,17 @@ def markdown(summary: Dict[str, Any]) -> str:
                 cells = [f"{figures.get(key):g}" if figures.get(key) is not None else "-"
                          for key in ("tokens_per_s", "step_s", "peak_gib", "mfu")]
             lines.append(f"| {row['K']} | {arm} | " + " | ".join(cells) + f" | {ratio if ratio is not None else '-'} |")
+    if "cost_model" in summary:
+        decision = summary["cost_model"]
+        lines += ["", f"cost model (probe {decision['probe_s']:.1f} s): would choose K={decision['k']} "
+                      f"({decision['reason']})",
+                  "| K | predicted peak GiB | measured peak GiB | predicted tokens/s | measured tokens/s |",
+                  "|" + " --- |" * 5]
+        for row in summary["rows"]:
+            figures = row.get("cost_model")
+            if figures:
+                lines.append(f"| {row['K']} | {figures['predicted_peak_gib']} | {figures['measured_peak_gib']} | "
+                             f"{figures['predicted_tokens_per_s']} | {figures['measured_tokens_per_s']} |")
     return "\n".join(lines)
 
 
@@ -231,6 +284,9 @@ def parse_args(argv: Optional[List[str]] = None):
                         help="comma-separated, from: " + ", ".join(ARMS))
     parser.add_argument("--options", default=None, help=f"speed options of the base (GPU default: {GPU_OPTIONS})")
     parser.add_argument("--peak-tflops", type=float, default=None, help="MFU denominator (GPU default: 989)")
+    parser.add_argument("--cost-model", action="store_true",
+                        help="probe the cost model (trainers/cost_model.py) and print its prediction per K beside "
+                             "the packed arm's measurement")
     parser.add_argument("--out", default=None,
                         help="JSON path (default benchmarks/results/packed_throughput_<device>.json)")
     args = parser.parse_args(argv)

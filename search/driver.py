@@ -17,6 +17,7 @@ from search.rundir import prepare_run_dir, write_run_files
 from search.progress import ProgressLines
 from search.remote_storage import KEY, RemoteRun, RemoteStorageError, one_line
 from search.schedulers import make_scheduler
+from search.packing import choose_pack
 from search.pool import CancelEndedTrials, start_pool
 from search.searcher import PeftOptunaSearch, make_sampler
 from search.storage import StorageError, open_storage, study_name
@@ -130,14 +131,15 @@ def _fit(spec, run_dir: str, todo: ResumePlan, remote: Optional[RemoteRun]) -> N
     # Ray's state in RUN_DIR/ray, or in <storage_path>/<name>/ray where every node (and a later driver) finds it
     storage_path, storage_filesystem = remote.ray_storage() if remote else (os.path.join(run_dir, "ray"), None)
     tune_name = _tune_name(run_dir, remote)
-    pool = start_pool(spec, storage_path, storage_filesystem, tune_name)   # worker groups that outlive trials
+    pack = choose_pack(spec, run_dir, threads, resumed=todo.asked > 0)   # search.pack, or the cost model's K
+    pool = start_pool(spec, storage_path, storage_filesystem, tune_name, pack)   # groups that outlive trials
     trainable = tune.with_parameters(tune_trial, spec=spec, run_dir=run_dir, threads_per_worker=threads, pool=pool)
     tuner = tune.Tuner(
         # the trial function only waits on its worker group, which holds the real resources; its actor
         # is reused for the next trial (one process start less per trial)
         tune.with_resources(trainable, {"cpu": 0.01}),
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=todo.to_run,
-                                    max_concurrent_trials=spec.search.concurrency * spec.search.pack,
+                                    max_concurrent_trials=spec.search.concurrency * pack,
                                     reuse_actors=True),
         run_config=tune.RunConfig(name=tune_name, storage_path=storage_path, storage_filesystem=storage_filesystem,
                                   verbose=0,

@@ -9,6 +9,7 @@ from typing import Dict, List, Optional, Tuple
 
 from search import report, report_html
 from search.remote_storage import KEY, RemoteRun, one_line
+from search.packing import read_packing
 from search.results import best_trial, load_study, objectives, trial_rows, write_trials_csv
 from search.rundir import RunDirError, read_summary
 from search.storage import SQLITE_FILE, STUDY_NAME, StorageError, open_storage, redact_url, saved_storage
@@ -82,7 +83,8 @@ def refresh(run_dir: str, wall_s: Optional[float] = None, storage: Optional[str]
         refinements=_refinements(study.user_attrs.get(REFINEMENTS_ATTR)),
         peft_config=best_peft_config(run_dir, best) if best is not None else None,
         settings_path=settings if published and os.path.isfile(settings) else None,
-        adapter_dir=os.path.join(run_dir, BEST_DIR) if published else None)
+        adapter_dir=os.path.join(run_dir, BEST_DIR) if published else None,
+        packing=read_packing(run_dir))
     report.write_report(run_dir, report.build_report(data))
     report_html.write_html(run_dir, report_html.build_html(data))
     if remote is not None:

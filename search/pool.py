@@ -133,7 +133,7 @@ class TrialPool:
         try:
             TorchTrainer(serve_packed if self.pack > 1 else serve_trials,
                          train_loop_config={"pool": ray.get_runtime_context().current_actor, "group": group,
-                                            "pack": self.pack},
+                                            "pack": self.pack, "name": self.name},
                          scaling_config=self.scaling,
                          run_config=RunConfig(name=f"{self.name}-group{group}", storage_path=self.storage_path,
                                               storage_filesystem=self.storage_filesystem)).fit()
@@ -158,9 +158,10 @@ class CancelEndedTrials(Callback):
     on_trial_error = on_trial_complete
 
 
-def start_pool(spec, storage_path: str, storage_filesystem, name: str):
+def start_pool(spec, storage_path: str, storage_filesystem, name: str, pack: int):
     """The search's TrialPool actor (it lives as long as the driver's Ray job or until `ray.kill`); its
-    groups' Ray Train runs are `name`-group0, -group1, ... in `storage_path` (RUN_DIR/ray, or the remote one)."""
+    groups' Ray Train runs are `name`-group0, -group1, ... in `storage_path` (RUN_DIR/ray, or the remote one);
+    each trains up to `pack` trials at once (search/packing.choose_pack)."""
     import ray
     from ray.train import ScalingConfig
 
@@ -171,7 +172,7 @@ def start_pool(spec, storage_path: str, storage_filesystem, name: str):
         resources_per_worker={"CPU": resources.cpus_per_worker,
                               **({"GPU": resources.gpus_per_worker} if resources.gpus_per_worker else {})},
     )
-    slots, pack = spec.search.concurrency, spec.search.pack
+    slots = spec.search.concurrency
     # threads: each group's rank 0 and each trial function wait inside the actor, plus short calls
     actor = ray.remote(TrialPool).options(num_cpus=0, max_concurrency=4 * slots * pack + 8)
     return actor.remote(slots, scaling, storage_path, name, pack, storage_filesystem)
@@ -286,20 +287,23 @@ def serve_packed(config: Dict[str, Any]) -> None:
     """A one-worker group's loop with packing: up to `pack` trials train together on one base
     (trainers/packed.py), each reporting its own rounds; a member that ends or that Tune stops leaves the pack
     and the next trial takes its place at once. Packed trials keep no round checkpoints: one interrupted
-    starts again from its first round."""
+    starts again from its first round. The group's steps are measured per pack size (StepMeter) for the
+    report's Packing section."""
     import ray
 
+    from search.packing import record_measured
     from search.tracking import start_trial
     from trainers.memory_guard import host_memory_cap
+    from trainers.pack_probe import StepMeter
     from trainers.packed import Pack
 
     pool, group, size = config["pool"], config["group"], config["pack"]
-    bases, pack, jobs, trackers = BaseCache(), None, {}, {}
+    bases, pack, meter, jobs, trackers = BaseCache(), None, None, {}, {}
 
     def leave(number, state, error=None):
         pack.remove(number)
         trackers.pop(number).finish({}, state)
-        jobs.pop(number)
+        record_measured(jobs.pop(number)["run_dir"], config["name"], group, meter)
         ray.get(pool.finish.remote(group, number, error))
 
     while True:
@@ -310,6 +314,7 @@ def serve_packed(config: Dict[str, Any]) -> None:
             number = job["number"]
             if pack is None:
                 pack = Pack(bases.get(job["settings"]))
+                meter = meter or StepMeter(pack.device)
             try:
                 pack.add(number, job["settings"])
             except ValueError as exc:
@@ -319,10 +324,11 @@ def serve_packed(config: Dict[str, Any]) -> None:
             trackers[number] = start_trial(job["run_dir"], job["search_name"], number, job["params"], job["tracking"])
         try:
             with host_memory_cap(jobs[next(iter(jobs))]["settings"].engine.host_memory_mb):
-                result = pack.step()
+                result = meter.step(pack)
         except MemoryError as exc:   # the pack as a whole outgrew the host: every member fails with it
-            for number in list(jobs):
-                leave(number, "FAIL", f"out of memory with {size} trials packed: {exc}")
+            members = list(jobs)
+            for number in members:
+                leave(number, "FAIL", f"out of memory with {len(members)} trials packed: {exc}")
             pack.close()
             pack = None
             continue

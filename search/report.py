@@ -4,7 +4,7 @@ Both files are rendered from one list of `Section`s built here, so they hold the
 explanations and tables in the same order; report.html adds the plots (`Figure` blocks, which
 report.md skips). Sections: header, best trial (vs the majority-class baseline, as a ready PEFT config
 and a command that reproduces it), sensitivity, LoRA rank, refinements, Pareto front (several
-objectives only), all trials, failed trials.
+objectives only), packing (search/report_packing.py), all trials, failed trials.
 """
 from __future__ import annotations
 
@@ -69,6 +69,7 @@ class ReportInput:
     peft_config: Optional[Tuple[str, dict]] = None  # (how to build it, its kwargs) of the best trial
     settings_path: Optional[str] = None      # best/settings.json, when the best trial saved its settings
     adapter_dir: Optional[str] = None        # best/, when it holds the best trial's adapter
+    packing: Optional[Mapping[str, object]] = None  # search.packing.read_packing: K, how chosen, measured steps
 
     @property
     def objectives(self) -> List[Objective]:
@@ -119,8 +120,10 @@ def build_report(data: ReportInput) -> str:
 
 # --- sections ------------------------------------------------------------------------------------
 def sections(data: ReportInput) -> List[Section]:
+    from search.report_packing import packing_section   # it builds on this module's blocks
+
     built = [header(data), best_section(data), sensitivity(data), rank_section(data), refinements(data),
-             pareto_section(data), all_trials(data), failed_trials(data)]
+             pareto_section(data), packing_section(data.packing), all_trials(data), failed_trials(data)]
     return [section for section in built if section is not None]
 
 

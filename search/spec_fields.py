@@ -60,15 +60,16 @@ def unknown_key(path: str, key: Any, known: Iterable[str], hint: str = "") -> st
 def rule(default: Any = MISSING, type: str = "str", *, low: Optional[float] = None, low_open: bool = False,
          high: Optional[float] = None, high_open: bool = False, choices: Optional[Sequence[Any]] = None,
          pattern: Optional[str] = None, nullable: bool = False, param: Optional[Param] = None,
-         section: Optional[type] = None, repr: bool = True):
+         section: Optional[type] = None, repr: bool = True, words: Sequence[str] = ()):
     """A dataclass field with its checking rules; `repr=False` keeps a secret out of the object's repr.
 
     `type`: int | float | bool | str | names (a name, or several as a tuple) | section
     (a nested Section class, given as `section`; YAML true/false sets its `enabled` field).
-    `param` reuses a spaces.methods.Param's type and bounds.
+    `param` reuses a spaces.methods.Param's type and bounds. `words`: strings accepted besides the type
+    (e.g. `auto` for a number the search may choose itself); the bounds do not apply to them.
     """
     meta = dict(type=type, low=low, low_open=low_open, high=high, high_open=high_open, choices=choices,
-                pattern=pattern, nullable=nullable, param=param, section=section)
+                pattern=pattern, nullable=nullable, param=param, section=section, words=tuple(words))
     if type == "section":
         return field(default_factory=section, metadata=meta, repr=repr)
     if default is MISSING:
@@ -82,6 +83,8 @@ def coerce(value: Any, meta: Dict[str, Any]) -> Any:
     """`value` in the field's type, or KindError (a message without the key path)."""
     if meta["param"] is not None:
         return meta["param"].coerce(value)
+    if isinstance(value, str) and value in meta.get("words", ()):
+        return value
     if value is None:
         if meta["nullable"]:
             return None
@@ -89,7 +92,8 @@ def coerce(value: Any, meta: Dict[str, Any]) -> Any:
     kind = meta["type"]
     if kind == "int":
         if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-            raise KindError(f"must be an integer, got {show(value)}")
+            alternatives = "".join(f" or {word}" for word in meta.get("words", ()))
+            raise KindError(f"must be an integer{alternatives}, got {show(value)}")
         return int(value)
     if kind == "float":
         if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", value.strip()):
@@ -122,7 +126,7 @@ def check(value: Any, meta: Dict[str, Any]) -> Optional[str]:
     """What is wrong with a value of the right type, or None."""
     if meta["param"] is not None:
         return meta["param"].check(value)
-    if value is None:
+    if value is None or (isinstance(value, str) and value in meta.get("words", ())):
         return None
     low, high = meta["low"], meta["high"]
     if low is not None and (value <= low if meta["low_open"] else value < low):

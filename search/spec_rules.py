@@ -136,8 +136,11 @@ def cross_problems(parts: Dict[str, Any]) -> List[str]:
     if search and parts.get("objective") and len(parts["objective"].metrics) > 1 and search.refine_every:
         problems.append(f"search.refine_every: refinement rates settings on one objective; with "
                         f"{len(parts['objective'].metrics)} objectives set refine_every: 0, got {search.refine_every}")
-    if search and search.pack > 1:
+    if search and (search.pack == "auto" or search.pack > 1):
         problems += _pack_problems(search, peft, space, model, resources)
+    if search and resources and resources.memory_budget_gb is not None and search.pack != "auto":
+        problems.append(f"resources.memory_budget_gb: only search.pack: auto plans with a memory budget; "
+                        f"remove it or set pack: auto, got pack={search.pack}")
     if search and training and space is not None:
         epochs = training.epochs
         if "epochs" in space:
@@ -152,7 +155,8 @@ def cross_problems(parts: Dict[str, Any]) -> List[str]:
 def _pack_problems(search, peft, space, model, resources) -> List[str]:
     """What packed trials need (trainers/packed.why_not_packable says the same of one trial's settings)."""
     problems = []
-    where = f"search.pack: {search.pack} trials train together"
+    where = "search.pack: auto: packed trials train together" if search.pack == "auto" else \
+        f"search.pack: {search.pack} trials train together"
     if peft and peft.method != "lora":
         problems.append(f"{where} only as LoRA adapters (they share one forward pass); got peft.method={peft.method}")
     if resources and resources.workers_per_trial != 1:

@@ -146,8 +146,16 @@ class SearchSection(Section):
     # (killed, node lost); a failure that would repeat (divergence, out of memory) is never retried
     max_failures: int = rule(2, "int", low=0)
     # added: trials each worker group trains at once on its one base (packed LoRA, trainers/packed.py): each
-    # keeps its own rows, adapter, optimizer and reports; up to concurrency * pack trials run at a time
-    pack: int = rule(1, "int", low=1)
+    # keeps its own rows, adapter, optimizer and reports; up to concurrency * pack trials run at a time.
+    # auto: a short probe calibrates a cost model (trainers/cost_model.py) and picks the largest K that fits
+    # the memory budget and still adds >= 5% tokens/s, at most pack_max (search/packing.py)
+    pack: Union[int, str] = rule(1, "int", low=1, words=("auto",))
+    # added: the largest K that pack: auto may choose (also capped by trials / concurrency); concurrency * K
+    # trials run at once, each sampled without the results of the others, so a small search may want less
+    pack_max: int = rule(16, "int", low=1)
+    # added: pack: auto adds a member only while it adds at least this share of predicted tokens/s;
+    # 0: as many as fit the memory budget (up to pack_max)
+    pack_min_gain: float = rule(0.05, "float", low=0, high=1)
     # added: refine the space every this many finished trials (0: off; the first time once 10 trials are
     # complete): fix settings that do not matter, narrow those that do (search/refine.py)
     refine_every: int = rule(0, "int", low=0)
@@ -207,6 +215,9 @@ class ResourcesSection(Section):
     cpus_per_worker: float = rule(1.0, "float", low=0, low_open=True)  # logical CPUs Ray reserves per worker
     # added: past this resident memory a worker's trial fails "out of memory" (trainers/memory_guard.py)
     memory_per_worker_gb: Optional[float] = rule(None, "float", nullable=True, low=0, low_open=True)
+    # added: GiB one worker group's pack may plan to use (search.pack: auto): device memory on a GPU, host
+    # memory on CPU. null: measured free memory x this group's share x 0.85 (trainers/pack_probe.py)
+    memory_budget_gb: Optional[float] = rule(None, "float", low=0, low_open=True, nullable=True)
     deepspeed: DeepSpeedSection = rule(type="section", section=DeepSpeedSection)
     # added: s3://BUCKET/PREFIX (or a directory every node sees) that receives Ray's state, every trial's
     # directory and the outputs under <storage_path>/<name>/, so a cluster needs no shared filesystem

@@ -237,6 +237,8 @@ class Member:
 class StepResult:
     round_ends: List[Hashable]           # members whose step ended a round: evaluate them before the next step
     failed: Dict[Hashable, str]          # members that diverged in this step (they train no more): remove them
+    positions: int = 0                   # rows x padded width of the step's concatenated batch (its compute)
+    members: int = 0                     # members that trained in it
 
 
 class Pack:
@@ -358,7 +360,7 @@ class Pack:
         # One host-device round trip per step for all members (the recipe reads each loss one step late to
         # spare a solo step that wait; here it is shared by every member of the pack).
         values = torch.stack([loss.detach().float() for loss in losses]).tolist()
-        result = StepResult([], {})
+        result = StepResult([], {}, positions=inputs["input_ids"].numel(), members=len(training))
         for member, batch, value in zip(training, batches, values):
             reason = self._diverged(member, value)
             if reason:

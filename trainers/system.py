@@ -30,6 +30,44 @@ def reset_peak_mem(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def reset_window_peak(device: torch.device, trim: bool = False) -> None:
+    """Start a window whose peak memory `window_peak_bytes` reads: CUDA's peak statistics, or on Linux the
+    process' peak RSS (VmHWM), which writing 5 to /proc/self/clear_refs resets to the current RSS. (tracemalloc
+    sees none of torch's CPU tensors, which come from its own allocator.) `trim` first hands the heap's free
+    memory back to the OS (glibc malloc_trim), else memory freed before the window still counts in it; it
+    walks the heap, so it is for probes, not for every training step."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    if trim:
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):   # not glibc: the window then starts above the freed memory
+            pass
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:   # not Linux, or not allowed: the window then starts at the process' start
+        pass
+
+
+def window_peak_bytes(device: torch.device) -> Optional[float]:
+    """Peak bytes since `reset_window_peak`: allocated by torch on a CUDA device; on CPU the whole process'
+    resident memory (Python, libraries and heap included); None where neither can be read."""
+    if device.type == "cuda":
+        return float(torch.cuda.max_memory_allocated(device))
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return float(line.split()[1]) * 1024   # kB
+    except OSError:
+        pass
+    return None
+
+
 def adapter_mb(adapter_dir: str) -> float:
     """Size of the saved adapter weights (*.safetensors) in MiB."""
     files = glob.glob(os.path.join(adapter_dir, "*.safetensors"))

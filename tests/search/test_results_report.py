@@ -197,3 +197,65 @@ def test_ready_peft_config_builds_the_same_config_for_every_method(tmp_path):
         assert rebuilt.to_dict() | {"base_model_name_or_path": None, "revision": None} == \
             expected.to_dict() | {"base_model_name_or_path": None, "revision": None}
         assert rebuilt.inference_mode is False  # ready to train
+
+
+def made_up_summary():
+    return {"name": "t", "model": "tiny", "task": "sequence-classification", "method": "lora",
+            "metric": "eval_accuracy", "mode": "max", "algorithm": "tpe", "scheduler": "asha", "trials": 6}
+
+
+def _packing_run_dir(tmp_path, chosen_by):
+    """A run directory's packing.json (as trainers.pack_probe.decide writes it, or the spec's K) and the
+    measured steps of two packing groups (as search/pool.serve_packed writes them)."""
+    from dataclasses import asdict
+
+    from search.packing import PACKING_FILE, write_json
+    from trainers.cost_model import BaseShape, Coefficients, CostModel, MemberShape, choose_k
+
+    model = CostModel(BaseShape(params=90_000, matmul_params=70_000, quantized_params=0, hidden=64, layers=2,
+                                logit_width=0), Coefficients(fixed_bytes=5e8, act_bytes=40, flops_per_s=2e10,
+                                                             step_s=0.01, member_s=0.002))
+    member = MemberShape(16, 32, 2178)
+    choice = choose_k(model, member, budget_bytes=model.memory_bytes([member] * 3) + 1, k_max=6)
+    decision = {"k": choice.k, "chosen_by": "cost model", "reason": choice.reason, "k_max": 6, "min_gain": 0.05,
+                "budget_bytes": model.memory_bytes([member] * 3) + 1, "budget_from": "resources.memory_budget_gb",
+                "device": "cpu", "member": asdict(member), **model.to_dict(), "probe_s": 2.5,
+                "probe": [{"k": 1, "rows": 16, "seq": 32, "peak_bytes": 5.1e8, "step_s": 0.013,
+                           "predicted_bytes": model.memory_bytes([member]), "predicted_step_s": model.step_s([member])}],
+                "predicted": choice.rows} if chosen_by == "cost model" else {"k": 3, "chosen_by": "spec"}
+    write_json(str(tmp_path / PACKING_FILE), decision)
+    for group, (steps, peak) in enumerate([(10, 5.2e8), (30, 5.6e8)]):
+        write_json(str(tmp_path / "packing" / f"tune-group{group}.json"), {"device": "cpu", "by_k": {
+            "3": {"steps": steps, "seconds": steps * 0.02, "positions": steps * 3 * 16 * 20, "max_positions": 3 * 16 * 32,
+                  "peak_bytes": peak}}})
+    return choice
+
+
+def test_packing_section_shows_the_cost_models_choice_and_the_measured_steps(tmp_path):
+    from search.packing import read_packing
+    from search.report_html import build_html
+
+    choice = _packing_run_dir(tmp_path, "cost model")
+    assert choice.k == 3   # the budget fits 3 members, not 4
+    packing = read_packing(str(tmp_path))
+    assert packing["measured"][3]["steps"] == 40 and packing["measured"][3]["peak_bytes"] == 5.6e8
+    data = ReportInput(str(tmp_path), made_up_summary(), [], None, packing=packing)
+    text = build_report(data)
+    section = text.split("## Packing", 1)[1].split("\n## ", 1)[0]
+    assert "**K = 3**, chosen by the cost model" in section and "over the budget" in section
+    assert "| 4 | " in section   # the first K refused, with its prediction
+    assert "| 3 | 40 | 48000 |" in section   # 40 steps of 3 x 16 rows x 20 tokens, 0.02 s each
+    assert "534.1" in section   # the measured peak, MiB (5.6e8 B)
+    assert "<h2>Packing</h2>" in build_html(data)
+
+
+def test_packing_section_says_when_the_spec_fixed_k_and_is_absent_for_old_run_directories(tmp_path):
+    from search.packing import read_packing
+
+    assert read_packing(str(tmp_path)) is None
+    assert "## Packing" not in build_report(ReportInput(str(tmp_path), made_up_summary(), [], None))
+    _packing_run_dir(tmp_path, "spec")
+    text = build_report(ReportInput(str(tmp_path), made_up_summary(), [], None, packing=read_packing(str(tmp_path))))
+    section = text.split("## Packing", 1)[1].split("\n## ", 1)[0]
+    assert "**K = 3** trials at once" in section and "`search.pack: 3`" in section
+    assert "predicted" not in section   # nothing was predicted for a fixed K

@@ -104,6 +104,16 @@ REJECTIONS = [
      "model.attn_implementation: flash_attention_2 run(s) on CUDA GPUs only", ""),
     ("unknown-attention", {"model.attn_implementation": "flash"}, "model.attn_implementation: must be one of", "'flash'"),
     ("checkpointing-not-bool", {"model.gradient_checkpointing": "on"}, "model.gradient_checkpointing: must be true or false", ""),
+    ("pack-unknown-word", {"search.pack": "max"}, "search.pack: must be an integer or auto", "got 'max' (str)"),
+    ("pack-auto-not-lora", {**PROMPT, "space": {"num_virtual_tokens": [1, 5]}, "search.pack": "auto"},
+     "search.pack: auto: packed trials train together only as LoRA adapters", "got peft.method=prompt-tuning"),
+    ("pack-max-zero", {"search.pack": "auto", "search.pack_max": 0}, "search.pack_max: must be >= 1, got 0", ""),
+    ("pack-min-gain-above-one", {"search.pack": "auto", "search.pack_min_gain": 1.5},
+     "search.pack_min_gain: must be <= 1, got 1.5", ""),
+    ("memory-budget-zero", {"search.pack": "auto", "resources.memory_budget_gb": 0},
+     "resources.memory_budget_gb: must be > 0, got 0", ""),
+    ("memory-budget-without-auto", {"search.pack": 2, "resources.memory_budget_gb": 8},
+     "resources.memory_budget_gb: only search.pack: auto plans with a memory budget", "got pack=2"),
 ]
 
 
@@ -122,6 +132,15 @@ def test_rejection_names_the_key_path(tiny_world, tmp_path, overrides, start, pa
 def test_base_spec_is_valid(tiny_world, tmp_path):
     spec = load_spec(write_spec(tmp_path, base_spec(tiny_world)))
     assert spec.peft.method == "lora" and spec.model_shape.model_type == "bert"
+
+
+def test_pack_auto_is_valid_and_round_trips(tiny_world, tmp_path):
+    from search.spec_rules import spec_to_dict
+
+    spec = load_spec(write_spec(tmp_path, merged(base_spec(tiny_world), {
+        "search.pack": "auto", "search.pack_max": 4, "resources.memory_budget_gb": 2.5})))
+    assert (spec.search.pack, spec.search.pack_max, spec.resources.memory_budget_gb) == ("auto", 4, 2.5)
+    assert spec_to_dict(spec)["search"]["pack"] == "auto"
 
 
 def test_empty_data_file(tiny_world, tmp_path):
