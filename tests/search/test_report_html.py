@@ -225,7 +225,8 @@ def make_run_dir(tmp_path, metric, mode, add_trials):
     (tmp_path / "run").mkdir()
     spec = SimpleNamespace(name="refresh-test", model=SimpleNamespace(name_or_path="minilm", task="causal-lm"),
                            peft=SimpleNamespace(method="lora"), objective=SimpleNamespace(metric=metric, mode=mode),
-                           search=SimpleNamespace(algorithm="tpe", scheduler="asha", trials=20), storage="sqlite")
+                           search=SimpleNamespace(algorithm="tpe", scheduler="asha", trials=20), storage="sqlite",
+                           resources=SimpleNamespace(storage_path=None))
     write_summary(run_dir, spec)
     directions = [{"max": "maximize", "min": "minimize"}[m] for m in ([mode] if isinstance(mode, str) else mode)]
     study = optuna.create_study(study_name=STUDY_NAME, storage=open_storage("sqlite", run_dir),
