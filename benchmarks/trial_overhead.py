@@ -71,10 +71,23 @@ def run_ours(trials: int, steps: int, workdir: str, pack: int = 1) -> dict:
     with open(os.path.join(run_dir, "trials.csv"), newline="") as handle:
         rows = list(csv.DictReader(handle))
     train_s = sum(float(r["train_s"] or 0) for r in rows)
+    # start-up: Ray's start and the first worker group's (process, imports, base load), until the first trial
+    # got its parameters; paid once per search, so the figure after it is what each further trial costs
+    startup = _first_trial_start(run_dir) - t0
     return {"side": "peft-search", "trials": len(rows), "states": {s: sum(r["state"] == s for r in rows)
                                                                   for s in ("COMPLETE", "PRUNED", "FAIL")},
-            "wall_s": round(wall, 1), "train_s": round(train_s, 1),
-            "overhead_per_trial_s": round((wall - train_s) / trials, 2), "train_fraction": round(train_s / wall, 3)}
+            "wall_s": round(wall, 1), "train_s": round(train_s, 1), "startup_s": round(startup, 1),
+            "overhead_per_trial_s": round((wall - train_s) / trials, 2),
+            "overhead_per_trial_after_startup_s": round((wall - startup - train_s) / trials, 2),
+            "train_fraction": round(train_s / wall, 3)}
+
+
+def _first_trial_start(run_dir: str) -> float:
+    from search.results import load_study
+    from search.storage import open_storage
+
+    study = load_study(open_storage("sqlite", run_dir))
+    return min(t.datetime_start for t in study.get_trials(deepcopy=False) if t.datetime_start).timestamp()
 
 
 def main():
@@ -90,7 +103,9 @@ def main():
     ours = run_ours(args.trials, args.steps, os.path.join(workdir, "ours"))
     for side in (naive, ours):
         print(f"{side.get('side', 'naive'):>12}: {side['trials']} trials, wall {side['wall_s']:7.1f} s, in training "
-              f"steps {side['train_s']:6.1f} s, overhead per trial {side['overhead_per_trial_s']:6.2f} s")
+              f"steps {side['train_s']:6.1f} s, overhead per trial {side['overhead_per_trial_s']:6.2f} s"
+              + (f" ({side['overhead_per_trial_after_startup_s']:.2f} s after a {side['startup_s']:.1f} s start-up)"
+                 if "startup_s" in side else ""))
     per_hour = {name: 3600 * side["trials"] / side["wall_s"] for name, side in (("naive", naive), ("ours", ours))}
     summary = {
         "steps": args.steps,
@@ -99,6 +114,7 @@ def main():
         "naive_train_s": naive["train_s"], "ours_train_s": ours["train_s"],
         "naive_overhead_per_trial_s": naive["overhead_per_trial_s"],
         "ours_overhead_per_trial_s": ours["overhead_per_trial_s"],
+        "ours_startup_s": ours["startup_s"], "ours_overhead_per_trial_after_startup_s": ours["overhead_per_trial_after_startup_s"],
         "naive_trials_per_hour": round(per_hour["naive"], 1), "ours_trials_per_hour": round(per_hour["ours"], 1),
         "trials_per_hour_ratio": round(per_hour["ours"] / per_hour["naive"], 2),
         "naive_breakdown": naive.get("breakdown"), "ours_states": ours["states"],
@@ -113,6 +129,7 @@ def main():
                        packed_vs_naive=round(per_hour["packed"] / per_hour["naive"], 2))
     # issue 7's targets, in the same run as the naive search
     summary["targets"] = {"overhead_per_trial_s <= 1": ours["overhead_per_trial_s"] <= 1.0,
+                          "overhead_per_trial_after_startup_s <= 1": ours["overhead_per_trial_after_startup_s"] <= 1.0,
                           "trials_per_hour_ratio >= 20": summary["trials_per_hour_ratio"] >= 20}
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
     with open(RESULTS, "w") as handle:
