@@ -77,16 +77,11 @@ def probe_decision(settings, k_max: int, budget_bytes: Optional[float], share: f
     """On a worker: load the base as a group would, probe and choose K (trainers.pack_probe.decide)."""
     import torch
 
-    from trainers.data import read_trial_rows
-    from trainers.distributed import current_context
-    from trainers.model import load_base
+    from trainers.model import load_lent_base
     from trainers.pack_probe import decide
 
     torch.set_num_threads(threads)
-    rows = read_trial_rows(settings.data, settings.model.task)
-    base = load_base(settings.model, num_labels=len(rows.labels) if rows.labels else None,
-                     device=current_context().device)
-    return decide(base, settings, k_max=k_max, budget_bytes=budget_bytes, share=share, min_gain=min_gain,
+    return decide(load_lent_base(settings), settings, k_max=k_max, budget_bytes=budget_bytes, share=share, min_gain=min_gain,
                   budget_from=budget_from)
 
 

@@ -362,10 +362,8 @@ class BaseCache:
 
     def get(self, settings):
         """The loaded base for `settings`, or None where the recipe must load its own (ZeRO-3)."""
-        from trainers.data import read_trial_rows
-        from trainers.distributed import current_context
         from trainers.engine import uses_deepspeed
-        from trainers.model import load_base
+        from trainers.model import load_lent_base
 
         if uses_deepspeed(settings.engine) and settings.engine.zero_stage == 3:
             # ZeRO-3 partitions the base's own weights into the trial's engine: not reusable after it
@@ -376,9 +374,7 @@ class BaseCache:
             self.key = self.base = None
             gc.unfreeze()   # the old base may be collected now
             gc.collect()
-            rows = read_trial_rows(settings.data, settings.model.task)
-            num_labels = len(rows.labels) if rows.labels else None
-            self.base = load_base(settings.model, num_labels=num_labels, device=current_context().device)
+            self.base = load_lent_base(settings)
             self.key = key
             _freeze_what_lives_on(settings)
         return self.base

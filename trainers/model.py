@@ -14,7 +14,7 @@ import torch
 from trainers.data import CLASSIFICATION
 from trainers.hub import resolve_model_path
 from trainers.kernels import from_pretrained_kwargs, prepare_adapter, prepare_base, wants_checkpointing
-from trainers.settings import DTYPES, ModelSettings, PeftSettings, QUANTIZATIONS, TASKS
+from trainers.settings import DTYPES, ModelSettings, PeftSettings, QUANTIZATIONS, TASKS, TrialSettings
 
 
 @dataclass
@@ -145,6 +145,15 @@ def _zero3_init_scope(zero3_config: dict):
     from transformers.integrations import HfDeepSpeedConfig
 
     return HfDeepSpeedConfig(zero3_config)
+
+
+def load_lent_base(settings: TrialSettings) -> LoadedBase:
+    """The whole base a worker lends its trials (search/pool.BaseCache) or probes packs on (search/packing.py),
+    with as many labels as the trial's train data holds, on this rank's device."""
+    from trainers.data import read_trial_rows
+
+    rows = read_trial_rows(settings.data, settings.model.task)
+    return load_base(settings.model, num_labels=len(rows.labels) if rows.labels else None)
 
 
 def load_base_for_adapter(name_or_path: str, task: str, adapter_dir: str, quantization: str = "none",
