@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import threading
-from typing import Iterator, Optional
+from typing import Iterator, List, Optional
 
 import psutil
 
@@ -49,18 +49,25 @@ def host_memory_cap(limit_mb: Optional[float]) -> Iterator[None]:
     target = threading.get_ident()
     process = psutil.Process()
     done = threading.Event()
+    breaches: List[type] = []
+
+    def over_cap() -> Optional[type]:
+        rss_mb = process.memory_info().rss / 2 ** 20
+        return _breach(rss_mb, limit_mb) if rss_mb > limit_mb else None
 
     def watch() -> None:
         interval = CHECK_INTERVAL_S
         while not done.wait(interval):
-            rss_mb = process.memory_info().rss / 2 ** 20
-            if rss_mb > limit_mb:
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(target),
-                                                           ctypes.py_object(_breach(rss_mb, limit_mb)))
-                # Raised again while still over: the first one may land inside a library's `except Exception`
-                # (seen in CI: a trial under a 51 MiB cap completed). The block's end stops the watch.
+            breach = over_cap()
+            if breach is not None:
+                breaches.append(breach)
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(target), ctypes.py_object(breach))
+                # raised again while still over: the first one may land inside a library's `except Exception`
                 interval = REFIRE_INTERVAL_S
 
+    breach = over_cap()   # already over as it starts: fail now, not at the watcher's first look
+    if breach is not None:
+        raise breach()
     watcher = threading.Thread(target=watch, name="host-memory-cap", daemon=True)
     watcher.start()
     try:
@@ -68,5 +75,9 @@ def host_memory_cap(limit_mb: Optional[float]) -> Iterator[None]:
     finally:
         done.set()
         watcher.join()
-        # a breach the block outran (it ended first) is not raised later in unrelated code
+        # a breach the block outran (it ended first) is not raised later in unrelated code...
         ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(target), None)
+    # ...but here: the block went over the cap, even if every exception the watcher raised was swallowed
+    # or came too late (seen in CI, twice, on a loaded machine: a short trial under a 51 MiB cap completed)
+    if breaches:
+        raise breaches[-1]()

@@ -162,7 +162,10 @@ def test_driver_killed_at_random_points_then_resumed(tmp_path, inputs, run):
 
 
 def test_a_killed_trial_worker_retries_from_its_checkpoint(tmp_path, inputs):
-    spec = _write_spec(tmp_path, *inputs, name="worker")
+    # ten times the rows: a trial of the 96-row data took about a second, and its window between a checkpoint
+    # and its end was sometimes over before a look saw it (seen in CI: the search ended with no kill)
+    train = make_learnable_classification_data(str(tmp_path / "train.jsonl"), 960, seed=1)
+    spec = _write_spec(tmp_path, inputs[0], train, name="worker")
     run_dir, log = tmp_path / "runs" / "worker", tmp_path / "worker.log"
     process = _start(["run", str(spec), "--runs-dir", str(tmp_path / "runs")], log)
     killed = []
