@@ -23,6 +23,11 @@ WORKER_ENV = {
 }
 
 
+# Only on the embedded one-machine Ray: Ray Train's preemption watcher (a process per worker group, 2 s of CPU to
+# start here) watches for spot nodes being taken away, which a laptop's Ray has none of.
+EMBEDDED_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
 def physical_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
@@ -63,7 +68,8 @@ def connect(address: Optional[str], concurrency: int, cpus_per_trial: float) -> 
                 include_dashboard=True,
                 dashboard_host="127.0.0.1",
                 _node_ip_address="127.0.0.1",
-                runtime_env={"env_vars": {**WORKER_ENV, **LOOPBACK_ENV, "RAY_ADDRESS": f"127.0.0.1:{gcs_port}"}},
+                runtime_env={"env_vars": {**WORKER_ENV, **LOOPBACK_ENV, **EMBEDDED_ENV,
+                                          "RAY_ADDRESS": f"127.0.0.1:{gcs_port}"}},
                 configure_logging=True,
                 logging_level="WARNING",
                 log_to_driver=True,

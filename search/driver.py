@@ -78,6 +78,8 @@ def _fit_on_ray(spec, run_dir: str, address: Optional[str], todo: ResumePlan, re
     # Tune's own per-trial result files (JSON, CSV, TensorBoard): the Optuna storage is the search's record,
     # and writing them cost every report of every trial a file write or three
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    # ...which Tune reads back after the search, unasked, warning of each trial's missing files (nothing reads them)
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     cpus_per_trial = spec.resources.workers_per_trial * spec.resources.cpus_per_worker
     stopped = leftovers.stop_leftovers(run_dir)
     if stopped:
@@ -135,7 +137,8 @@ def _fit(spec, run_dir: str, todo: ResumePlan, remote: Optional[RemoteRun]) -> N
     storage_path, storage_filesystem = remote.ray_storage() if remote else (os.path.join(run_dir, "ray"), None)
     tune_name = _tune_name(run_dir, remote)
     pack = choose_pack(spec, run_dir, threads, resumed=todo.asked > 0)   # search.pack, or the cost model's K
-    pool = start_pool(spec, storage_path, storage_filesystem, tune_name, pack)   # groups that outlive trials
+    # worker groups that outlive trials, started now
+    pool = start_pool(spec, storage_path, storage_filesystem, tune_name, pack, todo.to_run)
     trainable = tune.with_parameters(tune_trial, spec=spec, run_dir=run_dir, threads_per_worker=threads, pool=pool)
     tuner = tune.Tuner(
         # the trial function only waits on its worker group, which holds the real resources; its actor

@@ -24,7 +24,7 @@ from typing import Any, Dict, Optional, Tuple
 from ray.tune import Callback
 
 from search.remote_storage import KEY, one_line
-from search.searcher import TRIAL_NUMBER_KEY
+from search.trial_keys import TRIAL_NUMBER_KEY
 
 REPORT, END = "report", "end"
 NO_TRIAL = "no trial"
@@ -55,6 +55,7 @@ class TrialPool:
         self.mailboxes: Dict[int, _Mailbox] = {}         # trials submitted and not yet ended
         self.groups: Dict[int, set] = {}                 # live group -> the trials it runs
         self.started = 0
+        self.warm = None                                 # settings whose base a new group loads before any trial
         self.lock = threading.Lock()
 
     # --- the Tune trial function's side
@@ -117,6 +118,14 @@ class TrialPool:
         if box is not None:
             box.reports.put((END, error))
 
+    def prestart(self, groups: int, warm) -> None:
+        """Start up to `groups` worker groups now, each loading the base for `warm` (TrialSettings), while Tune
+        starts its first trial functions: a group's start (processes, imports, the base) then overlaps them."""
+        with self.lock:
+            self.warm = warm
+            while len(self.groups) < min(self.slots, groups):
+                self._start_group()
+
     def _start_group(self) -> None:
         group, self.started = self.started, self.started + 1
         self.groups[group] = set()
@@ -133,7 +142,7 @@ class TrialPool:
         try:
             TorchTrainer(serve_packed if self.pack > 1 else serve_trials,
                          train_loop_config={"pool": ray.get_runtime_context().current_actor, "group": group,
-                                            "pack": self.pack, "name": self.name},
+                                            "pack": self.pack, "name": self.name, "warm": self.warm},
                          scaling_config=self.scaling,
                          run_config=RunConfig(name=f"{self.name}-group{group}", storage_path=self.storage_path,
                                               storage_filesystem=self.storage_filesystem)).fit()
@@ -158,10 +167,11 @@ class CancelEndedTrials(Callback):
     on_trial_error = on_trial_complete
 
 
-def start_pool(spec, storage_path: str, storage_filesystem, name: str, pack: int):
+def start_pool(spec, storage_path: str, storage_filesystem, name: str, pack: int, trials: int):
     """The search's TrialPool actor (it lives as long as the driver's Ray job or until `ray.kill`); its
     groups' Ray Train runs are `name`-group0, -group1, ... in `storage_path` (RUN_DIR/ray, or the remote one);
-    each trains up to `pack` trials at once (search/packing.choose_pack)."""
+    each trains up to `pack` trials at once (search/packing.choose_pack). As many groups as `trials` to run
+    will use start at once."""
     import ray
     from ray.train import ScalingConfig
 
@@ -175,7 +185,10 @@ def start_pool(spec, storage_path: str, storage_filesystem, name: str, pack: int
     slots = spec.search.concurrency
     # threads: each group's rank 0 and each trial function wait inside the actor, plus short calls
     actor = ray.remote(TrialPool).options(num_cpus=0, max_concurrency=4 * slots * pack + 8)
-    return actor.remote(slots, scaling, storage_path, name, pack, storage_filesystem)
+    pool = actor.remote(slots, scaling, storage_path, name, pack, storage_filesystem)
+    # the spec's defaults: every trial's base is the same (the model and data settings are not searched)
+    pool.prestart.remote(-(-trials // pack), spec.trial_settings({}))
+    return pool
 
 
 # --- on every worker of a group
@@ -188,7 +201,7 @@ def serve_trials(config: Dict[str, Any]) -> None:
 
     pool, group = config["pool"], config["group"]
     rank = ray.train.get_context().get_world_rank()
-    bases = BaseCache()
+    bases = BaseCache.warmed(config["warm"])
     while True:
         job = ray.get(pool.take.remote(group)) if rank == 0 else None
         job = broadcast_object(job)
@@ -298,7 +311,7 @@ def serve_packed(config: Dict[str, Any]) -> None:
     from trainers.packed import Pack
 
     pool, group, size = config["pool"], config["group"], config["pack"]
-    bases, pack, meter, jobs, trackers = BaseCache(), None, None, {}, {}
+    bases, pack, meter, jobs, trackers = BaseCache.warmed(config["warm"]), None, None, {}, {}
 
     def leave(number, state, error=None):
         pack.remove(number)
@@ -359,6 +372,21 @@ class BaseCache:
 
     def __init__(self):
         self.key, self.base = None, None
+
+    @classmethod
+    def warmed(cls, settings) -> "BaseCache":
+        """A cache holding the base for `settings` already (None: empty), loaded before the group takes a trial."""
+        cache = cls()
+        if settings is not None:
+            try:
+                cache.get(settings)
+            except Exception:   # not fatal here: the first trial that needs it loads it and fails with why
+                import logging
+
+                logging.getLogger("peft_search").warning("the worker could not load its base ahead of the "
+                                                         "first trial", exc_info=True)
+                cache.key = cache.base = None
+        return cache
 
     def get(self, settings):
         """The loaded base for `settings`, or None where the recipe must load its own (ZeRO-3)."""

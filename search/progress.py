@@ -9,7 +9,7 @@ from typing import Sequence, Union
 from ray.tune import Callback
 
 from search.results import is_number
-from search.searcher import FAIL_REASON_KEY, ROUNDS_TOTAL_KEY, TRIAL_NUMBER_KEY
+from search.trial_keys import FAIL_REASON_KEY, ROUNDS_TOTAL_KEY, TRIAL_NUMBER_KEY
 
 HEARTBEAT_S = 60.0
 
@@ -35,6 +35,9 @@ class ProgressLines(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         result = trial.last_result or {}
+        if result.get(FAIL_REASON_KEY):   # a failed trial reports its reason and ends (search/trial.py)
+            self.on_trial_error(iteration, trials, trial)
+            return
         value = result.get(self.metrics[0])
         finished = result.get("round") is not None and result.get("round") >= result.get(ROUNDS_TOTAL_KEY, 0)
         outcome = "complete" if finished else "pruned"

@@ -20,16 +20,13 @@ from ray.tune.search.optuna import OptunaSearch
 
 from search.redact import secret_free_dumps
 from search.results import SYSTEM_COLUMNS, is_number
+from search.trial_keys import FAIL_REASON_KEY, ROUNDS_TOTAL_KEY, TRIAL_NUMBER_KEY  # noqa: F401 (also read from here)
 
 if TYPE_CHECKING:
     from search.refine import Refiner
 
 log = logging.getLogger("peft_search")
 
-# The key under which the searcher passes the Optuna trial number to the trial function.
-TRIAL_NUMBER_KEY = "__optuna_trial_number"
-FAIL_REASON_KEY = "fail_reason"
-ROUNDS_TOTAL_KEY = "rounds_total"
 # Figures stored on each Optuna trial besides its metrics: trials.csv's system columns and bookkeeping.
 SYSTEM_KEYS = (*SYSTEM_COLUMNS, "trainable_params", ROUNDS_TOTAL_KEY, "resumed_after_round")
 # The trainer's failure diagnostics (any JSON value) and why it stopped before its planned steps.

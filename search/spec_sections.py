@@ -16,8 +16,7 @@ from urllib.parse import urlsplit
 from search.spec_fields import Section, rule, show
 from search.storage import INSTALL_HINT, redact_url  # redact_url: spec.py imports it from here
 from spaces.methods import TRAINING_PARAMS
-from trainers.kernels import ATTN_IMPLEMENTATIONS
-from trainers.settings import DTYPES, OFFLOAD_DEVICES, OPTIMIZERS, QUANTIZATIONS, TASKS
+from trainers.settings import ATTN_IMPLEMENTATIONS, DTYPES, OFFLOAD_DEVICES, OPTIMIZERS, QUANTIZATIONS, TASKS
 
 NAME_PATTERN = r"[A-Za-z0-9._-]+"
 # The run directory's name, and the default W&B project (which allows 128 characters); a filesystem 255 bytes.

@@ -11,7 +11,7 @@ import re
 from typing import Any, Dict
 
 from search.remote_storage import RemoteRun, trial_parts
-from search.searcher import FAIL_REASON_KEY, TRIAL_NUMBER_KEY
+from search.trial_keys import FAIL_REASON_KEY, TRIAL_NUMBER_KEY
 
 TRIALS_SUBDIR = "trials"
 
@@ -76,8 +76,10 @@ def tune_trial(config: Dict[str, Any], spec, run_dir: str, threads_per_worker: i
             return
         if attempt == retries or not worker_lost(reason):
             reason = reason if attempt == 0 else f"{reason} (after {attempt} retries)"
+            # Reported, not raised: the searcher records a trial whose last report has a reason as FAIL, and
+            # Tune keeps this function's actor for the next trial (a raise made it start another: 5 s here)
             tune.report({FAIL_REASON_KEY: reason})
-            raise RuntimeError(reason)
+            return
         print(f"trial {number}: {reason}; retrying from its last checkpoint ({attempt + 1}/{retries})", flush=True)
 
 

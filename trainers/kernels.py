@@ -18,9 +18,7 @@ from typing import Any, Dict, List
 
 import torch
 
-from trainers.settings import ModelSettings
-
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+from trainers.settings import ATTN_IMPLEMENTATIONS, ModelSettings
 # attention implementation -> (module to import, pip package)
 _ATTN_PACKAGES = {"flash_attention_2": ("flash_attn", "flash-attn"),
                   "flash_attention_3": ("flash_attn_interface", "flash-attn (hopper build)")}

@@ -14,6 +14,7 @@ QUANTIZATIONS = ("none", "nf4", "int8")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 OPTIMIZERS = ("adamw", "paged_adamw_8bit")
 OFFLOAD_DEVICES = ("none", "cpu")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
 PEFT_METHODS = ("lora", "prompt-tuning", "prefix-tuning", "ia3")
 
 

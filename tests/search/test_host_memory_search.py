@@ -41,3 +41,5 @@ def test_trials_over_the_memory_cap_fail_with_the_reason_and_the_search_ends(tmp
         assert reason.startswith("out of memory at ") and "over its 51 MiB cap (resources.memory_per_worker_gb)" in reason
         assert "retries" not in reason   # a deterministic failure is not retried
     assert "out of memory" in (tmp_path / "runs" / "capped" / "report.md").read_text()
+    # Tune's read-back of per-trial result files peft-search does not write stays quiet
+    assert "Failed to fetch metrics" not in proc.stdout + proc.stderr, output

@@ -82,6 +82,37 @@ def test_groups_are_started_when_trials_want_them_up_to_the_slots(pool):
     assert pool.started_groups == [0, 1]        # the groups are reused, not started again
 
 
+def test_prestarted_groups_are_as_many_as_trials_need_and_later_trials_reuse_them(pool):
+    pool.prestart(1, warm="settings")            # one trial to run: one group, though there are 2 slots
+    assert pool.started_groups == [0] and pool.warm == "settings"
+    pool.prestart(5, warm="settings")
+    assert pool.started_groups == [0, 1]         # never more than the slots
+    pool.submit(1, {})
+    pool.submit(2, {})
+    assert pool.started_groups == [0, 1]         # the trials go to the groups already started
+
+
+def test_a_base_that_cannot_be_loaded_ahead_leaves_the_cache_empty_for_the_trial_to_fail_on(monkeypatch):
+    from search import pool as pool_module
+
+    def load(settings):
+        raise OSError("no such model")
+
+    monkeypatch.setattr("trainers.model.load_lent_base", load)
+    settings = _cpu_settings()
+    cache = pool_module.BaseCache.warmed(settings)   # logged, not raised: a group that died here would take no trial
+    assert cache.key is None and cache.base is None
+    with pytest.raises(OSError, match="no such model"):
+        cache.get(settings)                          # the trial's own load raises, and the trial fails with it
+
+
+def _cpu_settings():
+    from trainers.settings import DataSettings, EngineSettings, ModelSettings, TrialSettings
+
+    return TrialSettings(model=ModelSettings("unused"), data=DataSettings(train="unused.jsonl"),
+                         engine=EngineSettings(deepspeed=False))
+
+
 def test_the_trial_of_a_group_that_died_ends_with_the_reason(pool):
     pool.submit(3, {})
     pool.take(0)

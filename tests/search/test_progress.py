@@ -13,11 +13,11 @@ def test_lines_count_outcomes_running_and_best(capsys):
     progress = ProgressLines("eval_accuracy", "max", total=5, heartbeat_s=0)
     a = trial(0, "TERMINATED", round=3, rounds_total=3, eval_accuracy=0.7)
     b = trial(1, "TERMINATED", round=1, rounds_total=3, eval_accuracy=0.9)   # stopped early: not "best"
-    c = trial(2, "ERROR", **{FAIL_REASON_KEY: "diverged at step 4 (loss=nan)"})
+    c = trial(2, "TERMINATED", **{FAIL_REASON_KEY: "diverged at step 4 (loss=nan)"})   # reported its reason
     d = trial(3, "RUNNING")
     progress.on_trial_complete(0, [a, b, c, d], a)
     progress.on_trial_complete(0, [a, b, c, d], b)
-    progress.on_trial_error(0, [a, b, c, d], c)
+    progress.on_trial_complete(0, [a, b, c, d], c)
     progress.on_step_end(0, [a, b, c, d])
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("[peft-search] trial 0 complete after round 3: eval_accuracy=0.7000 | 1/5 done")
