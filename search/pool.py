@@ -170,8 +170,8 @@ class CancelEndedTrials(Callback):
 def start_pool(spec, storage_path: str, storage_filesystem, name: str, pack: int, trials: int):
     """The search's TrialPool actor (it lives as long as the driver's Ray job or until `ray.kill`); its
     groups' Ray Train runs are `name`-group0, -group1, ... in `storage_path` (RUN_DIR/ray, or the remote one);
-    each trains up to `pack` trials at once (search/packing.choose_pack). As many groups as `trials` to run
-    will use start at once."""
+    each trains up to `pack` trials at once (search/packing.choose_pack). The groups that
+    `trials` trials will keep busy start at once."""
     import ray
     from ray.train import ScalingConfig
 
