@@ -5,8 +5,10 @@ or wakes the kernel's OOM killer, which may pick any process: a worker (the tria
 the driver or Ray itself. With `resources.memory_per_worker_gb`, a watchdog thread reads this process's
 resident memory every few milliseconds and, past the cap, raises HostMemoryExceeded (a MemoryError) in the
 training thread at its next Python instruction; the recipe turns it into `TrialFailed("out of memory ...")`,
-which the search records as the trial's reason and never retries. A single allocation larger than the
-headroom left still lands before the exception: the cap bounds growth across steps, not inside one operation.
+which the search records as the trial's reason and never retries. The block also fails as it starts if the
+worker is over the cap already, and as it ends if it went over at any look (however it handled the exceptions).
+A single allocation larger than the headroom left still lands before the exception: the cap bounds growth
+across steps, not inside one operation.
 """
 from __future__ import annotations
 
