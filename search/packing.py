@@ -81,8 +81,8 @@ def probe_decision(settings, k_max: int, budget_bytes: Optional[float], share: f
     from trainers.pack_probe import decide
 
     torch.set_num_threads(threads)
-    return decide(load_lent_base(settings), settings, k_max=k_max, budget_bytes=budget_bytes, share=share, min_gain=min_gain,
-                  budget_from=budget_from)
+    return decide(load_lent_base(settings), settings, k_max=k_max, budget_bytes=budget_bytes, share=share,
+                  min_gain=min_gain, budget_from=budget_from)
 
 
 def record_measured(run_dir: str, name: str, group: int, meter) -> None:

@@ -62,9 +62,7 @@ class TrialPool:
     def submit(self, number: int, job: Dict[str, Any]) -> None:
         with self.lock:
             self.mailboxes[number] = _Mailbox()
-            # a group per trial that wants one, up to `slots`: groups are started only when needed
-            while len(self.groups) < min(self.slots, -(-len(self.mailboxes) // self.pack)):
-                self._start_group()
+            self._start_groups_for(len(self.mailboxes))
         self.jobs.put((number, job))
 
     def next_report(self, number: int) -> Tuple[str, Any]:
@@ -118,13 +116,17 @@ class TrialPool:
         if box is not None:
             box.reports.put((END, error))
 
-    def prestart(self, groups: int, warm) -> None:
-        """Start up to `groups` worker groups now, each loading the base for `warm` (TrialSettings), while Tune
-        starts its first trial functions: a group's start (processes, imports, the base) then overlaps them."""
+    def prestart(self, trials: int, warm) -> None:
+        """Start the groups `trials` trials will keep busy now, each loading the base for `warm` (TrialSettings),
+        while Tune starts its first trial functions: a group's start (processes, imports, the base) overlaps them."""
         with self.lock:
             self.warm = warm
-            while len(self.groups) < min(self.slots, groups):
-                self._start_group()
+            self._start_groups_for(trials)
+
+    def _start_groups_for(self, trials: int) -> None:
+        # a group per `pack` trials that want one, up to `slots`: groups are started only when needed
+        while len(self.groups) < min(self.slots, -(-trials // self.pack)):
+            self._start_group()
 
     def _start_group(self) -> None:
         group, self.started = self.started, self.started + 1
@@ -187,7 +189,7 @@ def start_pool(spec, storage_path: str, storage_filesystem, name: str, pack: int
     actor = ray.remote(TrialPool).options(num_cpus=0, max_concurrency=4 * slots * pack + 8)
     pool = actor.remote(slots, scaling, storage_path, name, pack, storage_filesystem)
     # the spec's defaults: every trial's base is the same (the model and data settings are not searched)
-    pool.prestart.remote(-(-trials // pack), spec.trial_settings({}))
+    pool.prestart.remote(trials, spec.trial_settings({}))
     return pool
 
 
@@ -380,12 +382,11 @@ class BaseCache:
         if settings is not None:
             try:
                 cache.get(settings)
-            except Exception:   # not fatal here: the first trial that needs it loads it and fails with why
+            except Exception:   # not fatal here (get left the cache empty): the first trial loads it and fails with why
                 import logging
 
                 logging.getLogger("peft_search").warning("the worker could not load its base ahead of the "
                                                          "first trial", exc_info=True)
-                cache.key = cache.base = None
         return cache
 
     def get(self, settings):
