@@ -61,6 +61,9 @@ def connect(address: Optional[str], concurrency: int, cpus_per_trial: float) -> 
     try:
         with loopback_node():
             ray.init(
+                # "local": a new cluster even where `ray start` left one on this machine (a bare ray.init
+                # would join it, and then refuse num_cpus)
+                address="local",
                 num_cpus=logical_cpus(concurrency, cpus_per_trial),
                 # The dashboard serves Ray's State API, which Ray Train's PlacementGroupCleaner needs to free
                 # the CPUs of a trial that ASHA stopped; without it those CPUs leak until no trial can start.

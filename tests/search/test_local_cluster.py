@@ -16,13 +16,17 @@ def test_threads_share_the_cores_between_running_workers(monkeypatch):
     assert local.threads_per_worker(16, 1) == 1
 
 
-def test_workers_are_told_the_embedded_clusters_address():
+def test_workers_are_told_the_embedded_clusters_address(monkeypatch):
     """Ray Train's PlacementGroupCleaner finds the State API through RAY_ADDRESS in its worker; without it,
-    a second Ray on the machine makes the lookup fail and stopped trials' CPUs leak."""
+    a second Ray on the machine makes the lookup fail and stopped trials' CPUs leak. The embedded cluster is
+    started even where `ray start` recorded another on this machine (here: one that does not answer), which a
+    bare ray.init would join."""
     import os
 
     import ray
+    from ray._private import services
 
+    monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir=None: "127.0.0.1:1")
     started = local.connect(None, 1, 1)
     try:
         assert started and "RAY_GCS_SERVER_PORT" not in os.environ and "RAY_ADDRESS" not in os.environ
