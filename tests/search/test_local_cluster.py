@@ -34,9 +34,14 @@ def test_workers_are_told_the_embedded_clusters_address(monkeypatch):
         @ray.remote
         def from_a_worker():
             from ray.util.state import list_nodes
-            return os.environ.get("RAY_ADDRESS"), len(list_nodes())
+            return dict(os.environ), len(list_nodes())
 
-        address, nodes = ray.get(from_a_worker.remote())
+        environment, nodes = ray.get(from_a_worker.remote())
+        address = environment.get("RAY_ADDRESS")
+        # inherited from the raylet (no job runtime env, so the raylet's pre-started workers serve actors)
+        for key, value in {**local.WORKER_ENV, **local.EMBEDDED_ENV, **local.LOOPBACK_ENV}.items():
+            assert environment.get(key) == value, key
+        assert ray.get_runtime_context().runtime_env == {}
         assert address.rsplit(":", 1)[1] == ray.get_runtime_context().gcs_address.rsplit(":", 1)[1]   # its port
         assert nodes == 1
     finally:
