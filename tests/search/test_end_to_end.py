@@ -1,5 +1,6 @@
 """One real `peft-search run` through Ray Tune + Optuna + ASHA + Ray Train + DeepSpeed on a tiny spec,
-checked by the files it writes (the run directory of INTERFACE.md)."""
+checked by the files it writes (the run directory of INTERFACE.md), and for W&B keys (in the spec and in
+WANDB_API_KEY) leaking into any of them or into its output (test_security.py checks each writer alone)."""
 import csv
 import json
 import os
@@ -10,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from test_security import ENV_API_KEY, SECRETS, SPEC_API_KEY, files_holding
 from trainers.tiny_models import build_tiny_classifier, make_learnable_classification_data
 
 pytestmark = pytest.mark.slow
@@ -32,15 +34,20 @@ def finished_run(tmp_path_factory):
         "search": {"algorithm": "random", "trials": 4, "concurrency": 2, "scheduler": "asha",
                    "evals_per_epoch": 1, "grace_rounds": 1, "seed": 3},
         "resources": {"workers_per_trial": 1, "deepspeed": {"zero_stage": 2}},
-        "tracking": {"wandb": "offline"},
+        "tracking": {"wandb": "offline", "api_key": SPEC_API_KEY},
     }
     spec_path = root / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
     runs = root / "runs"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    # offline, and nothing to reach anyway: the key must stay out of every file W&B writes
+    env.update(WANDB_API_KEY=ENV_API_KEY, WANDB_BASE_URL="http://127.0.0.1:9",
+               WANDB_CONFIG_DIR=str(root / "wandb-config"), WANDB_CACHE_DIR=str(root / "wandb-cache"),
+               WANDB_DATA_DIR=str(root / "wandb-data"))
     proc = subprocess.run([sys.executable, "-m", "search", "run", str(spec_path), "--runs-dir", str(runs)],
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return runs / "e2e", model, proc.stdout
+    return runs / "e2e", model, proc.stdout, proc.stderr
 
 
 def read_rows(run_dir):
@@ -49,7 +56,7 @@ def read_rows(run_dir):
 
 
 def test_every_trial_is_accounted_for_with_its_state(finished_run):
-    run_dir, _, _ = finished_run
+    run_dir, _, _, _ = finished_run
     rows = read_rows(run_dir)
     assert [int(r["number"]) for r in rows] == [0, 1, 2, 3]
     assert {r["state"] for r in rows} <= {"COMPLETE", "PRUNED", "FAIL"}
@@ -59,7 +66,7 @@ def test_every_trial_is_accounted_for_with_its_state(finished_run):
 
 
 def test_diverging_trials_fail_with_their_reason_and_others_complete(finished_run):
-    run_dir, _, _ = finished_run
+    run_dir, _, _, _ = finished_run
     rows = read_rows(run_dir)
     failed = [r for r in rows if float(r["param_learning_rate"]) > 1]
     assert failed, "the seeded sampler should have drawn the diverging learning rate at least once"
@@ -72,7 +79,7 @@ def test_best_adapter_is_the_best_complete_trial_and_reloads(finished_run):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    run_dir, model_path, _ = finished_run
+    run_dir, model_path, _, _ = finished_run
     best = run_dir / "best"
     assert (best / "adapter_model.safetensors").is_file() and (best / "adapter_config.json").is_file()
     metrics = json.loads((best / "metrics.json").read_text())
@@ -86,14 +93,14 @@ def test_best_adapter_is_the_best_complete_trial_and_reloads(finished_run):
 
 
 def test_trials_ran_in_a_deepspeed_zero2_worker_group(finished_run):
-    run_dir, _, _ = finished_run
+    run_dir, _, _, _ = finished_run
     complete = [r for r in read_rows(run_dir) if r["state"] == "COMPLETE"]
     trial_metrics = json.loads((run_dir / "trials" / f"{int(complete[0]['number']):04d}" / "metrics.json").read_text())
     assert trial_metrics["engine"] == "deepspeed-zero2" and trial_metrics["world_size"] == 1
 
 
 def test_each_trial_has_an_offline_wandb_run_in_the_run_directory(finished_run):
-    run_dir, _, _ = finished_run
+    run_dir, _, _, _ = finished_run
     runs = list((run_dir / "wandb").glob("offline-run-*"))
     # one run per trial (rank 0) plus the search's summary run with the trials table
     assert len(runs) >= 5, runs
@@ -101,7 +108,7 @@ def test_each_trial_has_an_offline_wandb_run_in_the_run_directory(finished_run):
 
 
 def test_spec_report_and_study_are_written(finished_run):
-    run_dir, _, stdout = finished_run
+    run_dir, _, stdout, _ = finished_run
     saved = yaml.safe_load((run_dir / "spec.yaml").read_text())
     assert saved["name"] == "e2e" and saved["peft"]["method"] == "lora"
     report = (run_dir / "report.md").read_text()
@@ -111,7 +118,7 @@ def test_spec_report_and_study_are_written(finished_run):
 
 
 def test_report_command_rebuilds_from_storage(finished_run):
-    run_dir, _, _ = finished_run
+    run_dir, _, _, _ = finished_run
     before = (run_dir / "trials.csv").read_text()
     os.remove(run_dir / "trials.csv")
     os.remove(run_dir / "report.md")
@@ -122,7 +129,7 @@ def test_report_command_rebuilds_from_storage(finished_run):
 
 
 def test_run_refuses_a_directory_that_holds_a_search(finished_run, tmp_path):
-    run_dir, _, _ = finished_run
+    run_dir, _, _, _ = finished_run
     spec = run_dir / "spec.yaml"
     proc = subprocess.run([sys.executable, "-m", "search", "run", str(spec), "--runs-dir", str(run_dir.parent)],
                           capture_output=True, text=True, timeout=120)
@@ -130,7 +137,7 @@ def test_run_refuses_a_directory_that_holds_a_search(finished_run, tmp_path):
 
 
 def test_diagnostics_and_the_html_report_come_through_ray(finished_run):
-    run_dir, _, _ = finished_run
+    run_dir, _, _, _ = finished_run
     complete = [r for r in read_rows(run_dir) if r["state"] == "COMPLETE"]
     for row in complete:
         assert 0.0 < float(row["diag_effective_rank_ratio"]) <= 1.0
@@ -140,7 +147,7 @@ def test_diagnostics_and_the_html_report_come_through_ray(finished_run):
 
 
 def test_the_reproduce_command_retrains_the_best_trial(finished_run, tmp_path):
-    run_dir, _, _ = finished_run
+    run_dir, _, _, _ = finished_run
     number = int(json.loads((run_dir / "best" / "metrics.json").read_text())["number"])
     best = json.loads((run_dir / "trials" / f"{number:04d}" / "metrics.json").read_text())
     proc = subprocess.run([sys.executable, "-m", "trainers.recipe", "--settings", str(run_dir / "best" / "settings.json"),
@@ -151,3 +158,13 @@ def test_the_reproduce_command_retrains_the_best_trial(finished_run, tmp_path):
     assert again["step"] == best["step"]
     assert again["eval_accuracy"] == pytest.approx(float(best["eval_accuracy"]), abs=0.05)
     assert "python -m trainers.recipe --settings" in (run_dir / "report.md").read_text()
+
+
+def test_no_key_reaches_the_run_directory_or_the_output(finished_run):
+    """spec.yaml, reports, W&B run files, Ray Tune's state and pickles, DeepSpeed checkpoints, the study: after
+    the other tests here rebuilt the reports from storage."""
+    run_dir, _, stdout, stderr = finished_run
+    assert (run_dir / "ray" / "tune" / "tuner.pkl").is_file() and list((run_dir / "wandb").glob("offline-run-*"))
+    assert list(run_dir.glob("trials/*/checkpoint")), "DeepSpeed checkpoints to search"
+    assert files_holding(run_dir) == {}
+    assert not [s for s in SECRETS if s in stdout + stderr]

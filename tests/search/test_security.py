@@ -4,7 +4,8 @@
 2. Checkpoints and adapters are safetensors, or torch files read with weights_only=True (DeepSpeed's too):
    they round-trip, and a planted pickle is refused, never run.
 3. Secrets (a database password in `storage:`, the W&B API key in the spec or in WANDB_API_KEY) appear in
-   none of spec.yaml, search.json, trials.csv, report.md/html, the W&B runs, Ray Tune's pickles, the logs.
+   none of spec.yaml, search.json, trials.csv, report.md/html, the W&B runs, Ray Tune's pickles, the logs
+   (a whole search's: test_end_to_end.py).
 4. The embedded Ray listens on loopback only.
 5. The HTML report escapes the user strings not covered by test_report_html.py.
 """
@@ -444,27 +445,8 @@ def test_every_form_of_database_password_is_redacted(url):
     assert redacted.split("@")[-1].startswith("db.example/studies")   # the host and database stay readable
 
 
-@pytest.mark.slow
-def test_a_real_search_leaks_no_key_into_its_files_or_its_output(world, tmp_path):
-    """`peft-search run` with the key in the spec and in WANDB_API_KEY, W&B offline: not in stdout/stderr,
-    nor in any file of the run directory (spec.yaml, reports, W&B runs, Ray Tune's state and pickles)."""
-    pytest.importorskip("wandb")
-    spec = spec_dict(world, storage="sqlite")   # a password needs a database server; see the tests above
-    spec["search"] = {**spec["search"], "concurrency": 1}   # one worker group to start: the test is about files
-    path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    env.update(WANDB_API_KEY=ENV_API_KEY, WANDB_BASE_URL="http://127.0.0.1:9",
-               WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"), WANDB_CACHE_DIR=str(tmp_path / "wandb-cache"),
-               WANDB_DATA_DIR=str(tmp_path / "wandb-data"),
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-m", "search", "run", str(path), "--runs-dir", str(tmp_path / "runs")],
-                          capture_output=True, text=True, timeout=900, env=env, cwd=str(REPO))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    run_dir = tmp_path / "runs" / "secure"
-    assert (run_dir / "ray" / "tune" / "tuner.pkl").is_file() and list((run_dir / "wandb").glob("offline-run-*"))
-    assert files_holding(run_dir) == {}
-    assert not [s for s in SECRETS if s in proc.stdout + proc.stderr]
+# A whole search (Ray Tune, Ray Train, DeepSpeed, W&B offline) with both keys set is checked for them by
+# test_end_to_end.py::test_no_key_reaches_the_run_directory_or_the_output, on its search.
 
 
 # ---------------------------------------------------------------------------------------- 4. Ray
