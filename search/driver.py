@@ -24,6 +24,8 @@ from search.storage import StorageError, open_storage, study_name
 from search.tracking import log_tables
 from search.trial import tune_trial
 
+GROUPS_CLOSE_S = 15
+
 log = logging.getLogger("peft_search")
 
 
@@ -154,8 +156,20 @@ def _fit(spec, run_dir: str, todo: ResumePlan, remote: Optional[RemoteRun]) -> N
     )
     try:
         tuner.fit()
+        _close_groups(pool)
     finally:
-        ray.kill(pool)   # its worker groups go with it
+        ray.kill(pool)   # with whatever worker groups are left
+
+
+def _close_groups(pool) -> None:
+    """Let the worker groups' loops end and their Ray Train runs finish cleanly (a group killed in its loop
+    prints a worker's traceback); one still busy after GROUPS_CLOSE_S is killed with the pool."""
+    import ray
+
+    try:
+        ray.get(pool.close.remote(timeout=GROUPS_CLOSE_S), timeout=GROUPS_CLOSE_S + 10)
+    except ray.exceptions.GetTimeoutError:
+        pass
 
 
 def _tune_name(run_dir: str, remote: Optional[RemoteRun]) -> str:

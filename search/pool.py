@@ -19,6 +19,7 @@ from __future__ import annotations
 import gc
 import queue
 import threading
+import time
 from typing import Any, Dict, Optional, Tuple
 
 from ray.tune import Callback
@@ -27,7 +28,7 @@ from search.remote_storage import KEY, one_line
 from search.trial_keys import TRIAL_NUMBER_KEY
 
 REPORT, END = "report", "end"
-NO_TRIAL = "no trial"
+NO_TRIAL, CLOSED = "no trial", "closed"
 GO_ON, STOP = "go on", "stop"
 
 
@@ -55,6 +56,7 @@ class TrialPool:
         self.mailboxes: Dict[int, _Mailbox] = {}         # trials submitted and not yet ended
         self.groups: Dict[int, set] = {}                 # live group -> the trials it runs
         self.started = 0
+        self.threads = []                                # each group's, running its TorchTrainer
         self.warm = None                                 # settings whose base a new group loads before any trial
         self.lock = threading.Lock()
 
@@ -86,13 +88,15 @@ class TrialPool:
 
     # --- rank 0 of each group
     def take(self, group: int, wait: bool = True) -> Any:
-        """The next trial for `group`, or NO_TRIAL when none waits (`wait` False). Groups never stop by
-        themselves: the driver kills the pool, and its groups with it, when the search is over."""
+        """The next trial for `group`, NO_TRIAL when none waits (`wait` False), or CLOSED once the search is
+        over (`close`): the group's loop returns then."""
         while True:
             try:
                 number, job = self.jobs.get(block=wait)
             except queue.Empty:
                 return NO_TRIAL
+            if job == CLOSED:
+                return CLOSED
             with self.lock:
                 if number in self.mailboxes:   # not cancelled while it waited
                     self.groups.setdefault(group, set()).add(number)
@@ -116,6 +120,18 @@ class TrialPool:
         if box is not None:
             box.reports.put((END, error))
 
+    def close(self, timeout: float) -> bool:
+        """The search is over: every group's loop returns at its next `take`, and its TorchTrainer ends as a
+        finished run (no worker dies with a traceback). True when all ended within `timeout` seconds."""
+        with self.lock:
+            threads = list(self.threads)
+        for _ in threads:
+            self.jobs.put((None, CLOSED))
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in threads)
+
     def prestart(self, trials: int, warm) -> None:
         """Start the groups `trials` trials will keep busy now, each loading the base for `warm` (TrialSettings),
         while Tune starts its first trial functions: a group's start (processes, imports, the base) overlaps them."""
@@ -131,7 +147,9 @@ class TrialPool:
     def _start_group(self) -> None:
         group, self.started = self.started, self.started + 1
         self.groups[group] = set()
-        threading.Thread(target=self._run_group, args=(group,), name=f"group-{group}", daemon=True).start()
+        thread = threading.Thread(target=self._run_group, args=(group,), name=f"group-{group}", daemon=True)
+        self.threads.append(thread)
+        thread.start()
 
     def _run_group(self, group: int) -> None:
         import ray
@@ -207,6 +225,8 @@ def serve_trials(config: Dict[str, Any]) -> None:
     while True:
         job = ray.get(pool.take.remote(group)) if rank == 0 else None
         job = broadcast_object(job)
+        if job == CLOSED:
+            return
         error = run_job(job, rank, pool, bases)
         if rank == 0:
             ray.get(pool.finish.remote(group, job["number"], error))
@@ -324,6 +344,8 @@ def serve_packed(config: Dict[str, Any]) -> None:
     while True:
         while len(jobs) < size:   # fill the free places; wait for a trial only when nothing trains
             job = ray.get(pool.take.remote(group, wait=not jobs))
+            if job == CLOSED:
+                return
             if job == NO_TRIAL:
                 break
             number = job["number"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from typing import Mapping, Optional
 
 STUDY_NAME = "peft-search"
@@ -15,6 +16,7 @@ SQLITE_FILE = "study.sqlite3"
 STORAGE_ENV = "PEFT_SEARCH_STORAGE"
 # libpq waits forever for a host that drops packets; a search should fail at once with a clear line instead
 CONNECT_TIMEOUT_S = 10
+CREATE_ATTEMPTS = 4   # opens of a new storage that another process is creating at the same moment (_created_meanwhile)
 REDACTED = "***"
 INSTALL_HINT = "pip install 'peft-search[postgres]'"   # psycopg2, SQLAlchemy's driver for postgresql:// URLs
 
@@ -67,15 +69,30 @@ def open_storage(storage: str, run_dir: str):
     import sqlalchemy.exc
 
     url = storage_url(storage, run_dir)
-    try:
-        # heartbeats let a later `resume` tell a trial whose driver died from one still running
-        storage = optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url), heartbeat_interval=60,
-                                             grace_period=180)
-    except (sqlalchemy.exc.SQLAlchemyError, ImportError) as exc:   # ImportError: no driver for the URL
-        raise StorageError(f"storage: cannot open {_shown(storage, run_dir)}: {_first_line(exc, url)}") from None
+    for attempt in range(1, CREATE_ATTEMPTS + 1):
+        try:
+            # heartbeats let a later `resume` tell a trial whose driver died from one still running
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url), heartbeat_interval=60,
+                                                 grace_period=180)
+            break
+        except (sqlalchemy.exc.SQLAlchemyError, ImportError) as exc:   # ImportError: no driver for the URL
+            if attempt < CREATE_ATTEMPTS and _created_meanwhile(exc):
+                time.sleep(0.2 * attempt)
+                continue
+            raise StorageError(f"storage: cannot open {_shown(storage, run_dir)}: {_first_line(exc, url)}") from None
     if is_sqlite(url):
         _write_ahead_log(storage.engine)
     return storage
+
+
+def _created_meanwhile(exc: BaseException) -> bool:
+    """Optuna creates its tables and version rows unguarded: where two processes open a new storage at the same
+    moment (two searches starting on one database, a `peft-search report` polling a search that starts), one
+    fails with "table ... already exists" or a duplicate version row. Opened again, it finds them there."""
+    import sqlalchemy.exc
+
+    return isinstance(exc, sqlalchemy.exc.IntegrityError) or (
+        isinstance(exc, sqlalchemy.exc.OperationalError) and "already exists" in str(exc))
 
 
 def _write_ahead_log(engine) -> None:

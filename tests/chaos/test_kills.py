@@ -4,8 +4,9 @@ is then resumed; nothing finished is lost or rerun and every trial ends accounte
 Each test is one search of TRIALS short trials (tiny BERT, 3 eval rounds, concurrency 2). Kill points
 are drawn from a seeded RNG: a moment after some trial has checkpointed a round, after some trial has
 finished, or a number of seconds into a driver's life. More runs: PEFT_SEARCH_CHAOS_RUNS=N (each run
-draws new kill points; the counts are printed), e.g. for the issue note:
-    PEFT_SEARCH_CHAOS_RUNS=5 python -m pytest -q -s tests/chaos
+draws new kill points; the counts are printed), more driver kills a run: PEFT_SEARCH_CHAOS_KILLS=K (each
+driver start costs the suite about a minute, so CI kills one driver a run), e.g. for the issue note:
+    PEFT_SEARCH_CHAOS_RUNS=4 PEFT_SEARCH_CHAOS_KILLS=2 python -m pytest -q -s tests/chaos
 """
 import csv
 import os
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.slow
 
 TRIALS = 5
 RUNS = int(os.environ.get("PEFT_SEARCH_CHAOS_RUNS", "1"))
-DRIVER_KILLS = 2          # per run
+DRIVER_KILLS = int(os.environ.get("PEFT_SEARCH_CHAOS_KILLS", "1"))   # per run
 FINAL = {TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL}
 
 

@@ -63,19 +63,19 @@ def ray_head():
             time.sleep(2)
         yield address, env
     finally:
-        os.killpg(head.pid, signal.SIGTERM)   # our head and everything it started; nothing else
-        try:
-            head.wait(timeout=10)   # a graceful stop took 43 s in CI: the cluster is thrown away anyway
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        # our head and everything it started, nothing else; killed, not stopped (a graceful stop took 43 s in
+        # CI, and the cluster is thrown away anyway)
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
+        # deleted in the background: it holds the runtime env's copy of the virtualenv (16 s to delete)
+        subprocess.Popen(["rm", "-rf", temp_dir], start_new_session=True)
 
 
-def test_ray_job_submit_runs_a_search_that_job_stop_interrupts_and_a_resume_job_finishes(ray_head, tmp_path):
-    """`ray job submit` of a search, `ray job stop` in its middle, then `peft-search resume` submitted as a new
-    job, which finishes it: one search through the whole cluster path (the submit, the stop and the resume
-    were 3 searches' time apart in CI)."""
+def test_ray_job_submit_runs_a_search_that_job_stop_interrupts_and_resume_finishes(ray_head, tmp_path):
+    """`ray job submit` of a search, `ray job stop` in its middle, then `peft-search resume` of its run directory,
+    which finishes it. The resume runs here, on an embedded Ray: a job of its own takes another 2 minutes of the
+    suite (a job's processes start in the runtime env's copy of the virtualenv) and checks no more than the
+    submit did."""
     import optuna
 
     address, env = ray_head
@@ -106,12 +106,10 @@ def test_ray_job_submit_runs_a_search_that_job_stop_interrupts_and_a_resume_job_
     status = ray_cli("job", "status", "--address", address, job_id, env=env)
     assert "stopped" in (status.stdout + status.stderr).lower(), status.stdout + status.stderr
 
-    resume_id = f"peft-search-resume-{uuid.uuid4().hex[:8]}"
-    resume = ray_cli("job", "submit", "--address", address, "--submission-id", resume_id, "--working-dir", REPO,
-                     "--runtime-env", os.path.join(REPO, "cluster", "runtime_env.yaml"),
-                     "--", "peft-search", "resume", str(run_dir), env=env, timeout=900)
+    resume = subprocess.run([sys.executable, "-m", "search", "resume", str(run_dir)], capture_output=True,
+                            text=True, timeout=900, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
     assert resume.returncode == 0, resume.stdout[-3000:] + resume.stderr[-3000:]
-    assert f"Job '{resume_id}' succeeded" in resume.stdout + resume.stderr
+    assert "[peft-search] trial 1 complete" in resume.stdout + resume.stderr
     finished = trials()
     assert [t.number for t in finished] == [0, 1] and all(t.state.is_finished() for t in finished)
     for number, before in kept.items():   # kept as it was, not rerun
@@ -123,9 +121,6 @@ def test_ray_job_submit_runs_a_search_that_job_stop_interrupts_and_a_resume_job_
     assert (run_dir / "best" / "adapter_model.safetensors").is_file()
     assert "# peft-search report: smoke" in (run_dir / "report.md").read_text()
     assert list((run_dir / "wandb").glob("offline-run-*")), "W&B offline run files in the run directory"
-    resumed_logs = ray_cli("job", "logs", "--address", address, resume_id, env=env)
-    assert resumed_logs.returncode == 0, resumed_logs.stderr
-    # the progress lines reach `ray job logs`: the first job's for trial 0, the resume's for trial 1
+    # the progress lines reach `ray job logs`
     assert "[peft-search] trial 0 complete" in logs.stdout + ray_cli("job", "logs", "--address", address, job_id,
                                                                           env=env).stdout
-    assert "[peft-search] trial 1 complete" in resumed_logs.stdout, resumed_logs.stdout[-3000:]

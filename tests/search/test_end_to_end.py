@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from search.cli import main as cli_main
 from test_security import ENV_API_KEY, SECRETS, SPEC_API_KEY, files_holding
 from trainers.tiny_models import build_tiny_classifier, make_learnable_classification_data
 
@@ -122,18 +123,16 @@ def test_report_command_rebuilds_from_storage(finished_run):
     before = (run_dir / "trials.csv").read_text()
     os.remove(run_dir / "trials.csv")
     os.remove(run_dir / "report.md")
-    proc = subprocess.run([sys.executable, "-m", "search", "report", str(run_dir)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    assert cli_main(["report", str(run_dir)]) == 0
     assert (run_dir / "trials.csv").read_text() == before
     assert (run_dir / "report.md").is_file()
 
 
-def test_run_refuses_a_directory_that_holds_a_search(finished_run, tmp_path):
+def test_run_refuses_a_directory_that_holds_a_search(finished_run, capsys):
     run_dir, _, _, _ = finished_run
-    spec = run_dir / "spec.yaml"
-    proc = subprocess.run([sys.executable, "-m", "search", "run", str(spec), "--runs-dir", str(run_dir.parent)],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "already holds a search" in proc.stderr
+    capsys.readouterr()
+    assert cli_main(["run", str(run_dir / "spec.yaml"), "--runs-dir", str(run_dir.parent)]) == 2
+    assert "already holds a search" in capsys.readouterr().err
 
 
 def test_diagnostics_and_the_html_report_come_through_ray(finished_run):

@@ -135,3 +135,31 @@ def test_a_packing_group_takes_trials_without_waiting_and_groups_start_per_pack(
     assert pool.groups[0] == {0, 1, 2}
     pool.take(1)
     assert pool.take(1, wait=False) == NO_TRIAL  # nothing waits: the pack trains on
+
+
+def test_closing_the_pool_ends_every_groups_loop_and_says_whether_all_ended(monkeypatch):
+    from search.pool import CLOSED
+
+    taken, busy = [], threading.Event()
+
+    def group_loop(self, group):   # rank 0's loop of serve_trials, without the training
+        while True:
+            job = self.take(group)
+            if job == CLOSED:
+                return
+            taken.append(job["number"])
+            if job["number"] == 9:
+                busy.wait(10)      # a group still in its trial when the search ends
+
+    monkeypatch.setattr(TrialPool, "_run_group", group_loop)
+    pool = TrialPool(slots=2, scaling=None, storage_path="unused", name="tune")
+    pool.submit(1, {"number": 1})
+    pool.submit(2, {"number": 2})
+    assert len(pool.threads) == 2
+    assert pool.close(timeout=5) is True          # both loops took CLOSED after their trials
+    assert sorted(taken) == [1, 2] and not any(t.is_alive() for t in pool.threads)
+
+    stuck = TrialPool(slots=1, scaling=None, storage_path="unused", name="tune")
+    stuck.submit(9, {"number": 9})
+    assert stuck.close(timeout=0.3) is False      # the driver kills what is left
+    busy.set()

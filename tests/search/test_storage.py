@@ -109,3 +109,29 @@ def test_the_run_directorys_sqlite_is_written_ahead(tmp_path):
         assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 1   # NORMAL
     # another process's view (a resumed driver, `peft-search report`) sees the committed trial
     assert optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/study.sqlite3").trials[0].value == 1.0
+
+
+def test_a_new_storage_opened_by_several_processes_at_once_opens_for_all(tmp_path):
+    """Optuna creates its tables unguarded: two searches starting on one new database, or a `report` polling a
+    search that starts, made one of them fail ("table studies already exists", or a duplicate alembic
+    version row: seen in the chaos test). Threads at a barrier reproduce it in every round without the retry."""
+    import threading
+
+    for round_ in range(2):
+        run_dir = tmp_path / f"round{round_}"
+        run_dir.mkdir()
+        barrier, errors = threading.Barrier(6), []
+
+        def open_it():
+            barrier.wait()
+            try:
+                open_storage("sqlite", str(run_dir))
+            except StorageError as exc:
+                errors.append(str(exc))
+
+        threads = [threading.Thread(target=open_it) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors == []
