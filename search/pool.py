@@ -344,7 +344,9 @@ def serve_packed(config: Dict[str, Any]) -> None:
     while True:
         while len(jobs) < size:   # fill the free places; wait for a trial only when nothing trains
             job = ray.get(pool.take.remote(group, wait=not jobs))
-            if job == CLOSED:
+            if job == CLOSED:   # the search is over: a member still here was stopped before its next report
+                for number in list(jobs):
+                    leave(number, "PRUNED")
                 return
             if job == NO_TRIAL:
                 break
