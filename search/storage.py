@@ -72,8 +72,8 @@ def open_storage(storage: str, run_dir: str):
     for attempt in range(1, CREATE_ATTEMPTS + 1):
         try:
             # heartbeats let a later `resume` tell a trial whose driver died from one still running
-            storage = optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url), heartbeat_interval=60,
-                                                 grace_period=180)
+            opened = optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url), heartbeat_interval=60,
+                                                grace_period=180)
             break
         except (sqlalchemy.exc.SQLAlchemyError, ImportError) as exc:   # ImportError: no driver for the URL
             if attempt < CREATE_ATTEMPTS and _created_meanwhile(exc):
@@ -81,8 +81,8 @@ def open_storage(storage: str, run_dir: str):
                 continue
             raise StorageError(f"storage: cannot open {_shown(storage, run_dir)}: {_first_line(exc, url)}") from None
     if is_sqlite(url):
-        _write_ahead_log(storage.engine)
-    return storage
+        _write_ahead_log(opened.engine)
+    return opened
 
 
 def _created_meanwhile(exc: BaseException) -> bool:

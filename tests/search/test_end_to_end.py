@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from search.cli import main as cli_main
+from test_cli import cli
 from test_security import ENV_API_KEY, SECRETS, SPEC_API_KEY, files_holding
 from trainers.tiny_models import build_tiny_classifier, make_learnable_classification_data
 
@@ -130,9 +131,8 @@ def test_report_command_rebuilds_from_storage(finished_run):
 
 def test_run_refuses_a_directory_that_holds_a_search(finished_run, capsys):
     run_dir, _, _, _ = finished_run
-    capsys.readouterr()
-    assert cli_main(["run", str(run_dir / "spec.yaml"), "--runs-dir", str(run_dir.parent)]) == 2
-    assert "already holds a search" in capsys.readouterr().err
+    code, _, err = cli(capsys, "run", str(run_dir / "spec.yaml"), "--runs-dir", str(run_dir.parent))
+    assert code == 2 and "already holds a search" in err
 
 
 def test_diagnostics_and_the_html_report_come_through_ray(finished_run):
