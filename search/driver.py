@@ -14,11 +14,11 @@ from cluster import leftovers, local
 from search import outputs
 from search.resume import DriverLock, ResumePlan, plan, record_or_check
 from search.rundir import prepare_run_dir, write_run_files
-from search.progress import ProgressLines
+from search.progress import CancelEndedTrials, ProgressLines
 from search.remote_storage import KEY, RemoteRun, RemoteStorageError, one_line
 from search.schedulers import make_scheduler
 from search.packing import choose_pack
-from search.pool import CancelEndedTrials, start_pool
+from search.pool import start_pool
 from search.searcher import PeftOptunaSearch, make_sampler
 from search.storage import StorageError, open_storage, study_name
 from search.tracking import log_tables
@@ -112,15 +112,46 @@ def _fit(spec, run_dir: str, todo: ResumePlan, remote: Optional[RemoteRun]) -> N
     import ray
     from ray import tune
 
+    threads = local.threads_per_worker(spec.search.concurrency, spec.resources.workers_per_trial)
+    # Ray's state in RUN_DIR/ray, or in <storage_path>/<name>/ray where every node (and a later driver) finds it
+    storage_path, storage_filesystem = remote.ray_storage() if remote else (os.path.join(run_dir, "ray"), None)
+    tune_name = _tune_name(run_dir, remote)
+    pack = choose_pack(spec, run_dir, threads, resumed=todo.asked > 0)   # search.pack, or the cost model's K
+    # worker groups that outlive trials, started first: their start (processes, imports, the base) is the
+    # longest wait of a search's start, and the rest of it overlaps theirs
+    pool = start_pool(spec, storage_path, storage_filesystem, tune_name, pack, todo.to_run)
+    try:
+        metric, mode = spec.objective.metric, spec.objective.mode
+        if not isinstance(metric, str):   # several objectives: Ray's OptunaSearch wants lists
+            metric, mode = list(metric), list(mode)
+        scheduler = make_scheduler(spec.search.scheduler, metric, mode, spec.max_rounds, spec.search.grace_rounds,
+                                   spec.search.reduction_factor)
+        trainable = tune.with_parameters(tune_trial, spec=spec, run_dir=run_dir, threads_per_worker=threads,
+                                         pool=pool)
+        tuner = tune.Tuner(
+            # the trial function only waits on its worker group, which holds the real resources; its actor
+            # is reused for the next trial (one process start less per trial)
+            tune.with_resources(trainable, {"cpu": 0.01}),
+            tune_config=tune.TuneConfig(search_alg=_searcher(spec, run_dir, todo, metric, mode), scheduler=scheduler,
+                                        num_samples=todo.to_run, max_concurrent_trials=spec.search.concurrency * pack,
+                                        reuse_actors=True),
+            run_config=tune.RunConfig(name=tune_name, storage_path=storage_path, storage_filesystem=storage_filesystem,
+                                      verbose=0,
+                                      failure_config=tune.FailureConfig(max_failures=0),
+                                      callbacks=[ProgressLines(metric, mode, todo.to_run), CancelEndedTrials(pool)]),
+        )
+        tuner.fit()
+        _close_groups(pool)
+    finally:
+        ray.kill(pool)   # with whatever worker groups are left
+
+
+def _searcher(spec, run_dir: str, todo: ResumePlan, metric, mode) -> PeftOptunaSearch:
     from search.refine import Refiner
 
-    metric, mode = spec.objective.metric, spec.objective.mode
-    if not isinstance(metric, str):   # several objectives: Ray's OptunaSearch wants lists
-        metric, mode = list(metric), list(mode)
-    space = spec.search_space()
     has_defaults = bool(spec.default_params())   # some published default lies inside the space
-    searcher = PeftOptunaSearch(
-        space=space, metric=metric, mode=mode,
+    return PeftOptunaSearch(
+        space=spec.search_space(), metric=metric, mode=mode,
         # a resumed driver's sampler must not replay the draws of the first driver's (same seed, same draws)
         sampler=make_sampler(spec.search.algorithm, spec.search.seed + todo.asked,
                              grid=spec.grid() if spec.search.algorithm == "grid" else None),
@@ -132,33 +163,6 @@ def _fit(spec, run_dir: str, todo: ResumePlan, remote: Optional[RemoteRun]) -> N
         points_to_evaluate=[spec.default_params(complete=True)] if has_defaults and not todo.asked else None,
         resume=todo.interrupted,
     )
-    scheduler = make_scheduler(spec.search.scheduler, metric, mode, spec.max_rounds, spec.search.grace_rounds,
-                               spec.search.reduction_factor)
-    threads = local.threads_per_worker(spec.search.concurrency, spec.resources.workers_per_trial)
-    # Ray's state in RUN_DIR/ray, or in <storage_path>/<name>/ray where every node (and a later driver) finds it
-    storage_path, storage_filesystem = remote.ray_storage() if remote else (os.path.join(run_dir, "ray"), None)
-    tune_name = _tune_name(run_dir, remote)
-    pack = choose_pack(spec, run_dir, threads, resumed=todo.asked > 0)   # search.pack, or the cost model's K
-    # worker groups that outlive trials, started now
-    pool = start_pool(spec, storage_path, storage_filesystem, tune_name, pack, todo.to_run)
-    trainable = tune.with_parameters(tune_trial, spec=spec, run_dir=run_dir, threads_per_worker=threads, pool=pool)
-    tuner = tune.Tuner(
-        # the trial function only waits on its worker group, which holds the real resources; its actor
-        # is reused for the next trial (one process start less per trial)
-        tune.with_resources(trainable, {"cpu": 0.01}),
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=todo.to_run,
-                                    max_concurrent_trials=spec.search.concurrency * pack,
-                                    reuse_actors=True),
-        run_config=tune.RunConfig(name=tune_name, storage_path=storage_path, storage_filesystem=storage_filesystem,
-                                  verbose=0,
-                                  failure_config=tune.FailureConfig(max_failures=0),
-                                  callbacks=[ProgressLines(metric, mode, todo.to_run), CancelEndedTrials(pool)]),
-    )
-    try:
-        tuner.fit()
-        _close_groups(pool)
-    finally:
-        ray.kill(pool)   # with whatever worker groups are left
 
 
 def _close_groups(pool) -> None:

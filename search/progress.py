@@ -1,6 +1,8 @@
 """Progress a person can follow in a terminal and in `ray job logs`: one line per finished trial, and a
 tally (done / running / pruned / failed, best so far, elapsed and estimated time left) at least every
-`HEARTBEAT_S` seconds while trials run, so a long trial never looks like a hang."""
+`HEARTBEAT_S` seconds while trials run, so a long trial never looks like a hang. Also the driver's other
+Tune callback, CancelEndedTrials (kept here, out of search/pool.py: the pool's process then starts without
+importing Ray Tune, ~1.3 s off the first worker group's start)."""
 from __future__ import annotations
 
 import time
@@ -73,3 +75,16 @@ class ProgressLines(Callback):
 
 def _fmt(value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+class CancelEndedTrials(Callback):
+    """A trial Tune ended is cancelled in the pool too, so that no group waits on it (the trial function
+    does this itself, unless its process was killed)."""
+
+    def __init__(self, pool):
+        self.pool = pool
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.pool.cancel.remote(trial.config[TRIAL_NUMBER_KEY])
+
+    on_trial_error = on_trial_complete

@@ -1,6 +1,7 @@
 """The trial pool's hand-over between Tune trial functions and worker groups (search/pool.py), without Ray:
 the actor's methods called from threads, as Ray's threaded actor calls them."""
 import threading
+import time
 
 import pytest
 
@@ -163,3 +164,24 @@ def test_closing_the_pool_ends_every_groups_loop_and_says_whether_all_ended(monk
     stuck.submit(9, {"number": 9})
     assert stuck.close(timeout=0.3) is False      # the driver kills what is left
     busy.set()
+
+
+def test_closing_the_pool_does_not_wait_for_a_group_whose_loop_has_ended(monkeypatch):
+    """A group's loop says it ended; its Ray Train run's own shutdown (here: a thread that lives on) is not
+    waited for."""
+    from search.pool import CLOSED
+
+    shutting_down = threading.Event()
+
+    def group_loop(self, group):
+        assert self.take(group) == CLOSED
+        self.loop_ended(group)
+        shutting_down.wait(10)
+
+    monkeypatch.setattr(TrialPool, "_run_group", group_loop)
+    pool = TrialPool(slots=1, scaling=None, storage_path="unused", name="tune")
+    pool.prestart(1, warm=None)
+    started = time.monotonic()
+    assert pool.close(timeout=5) is True
+    assert time.monotonic() - started < 2 and pool.threads[0].is_alive()
+    shutting_down.set()
