@@ -166,8 +166,8 @@ def _searcher(spec, run_dir: str, todo: ResumePlan, metric, mode) -> PeftOptunaS
 
 
 def _close_groups(pool) -> None:
-    """Let the worker groups' loops end and their Ray Train runs finish cleanly (a group killed in its loop
-    prints a worker's traceback); one still busy after GROUPS_CLOSE_S is killed with the pool."""
+    """Let the worker groups' loops end before the pool is killed (a group killed in its loop prints a worker's
+    traceback); one still busy after GROUPS_CLOSE_S is killed with the pool."""
     import ray
 
     try:

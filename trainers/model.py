@@ -130,11 +130,23 @@ def load_base(model: ModelSettings, num_labels: Optional[int] = None,
 
         # Casts norms to fp32 and enables input gradients + gradient checkpointing (QLoRA's recipe).
         loaded = prepare_model_for_kbit_training(loaded, use_gradient_checkpointing=wants_checkpointing(model))
+        _keep_4bit_layout(loaded)
     loaded = prepare_base(loaded, model, dtype)
     return LoadedBase(model=loaded, tokenizer=tokenizer, model_type=loaded.config.model_type, task=model.task,
                       path=path, dtype=dtype, quantization=model.quantization, device=device,
                       num_labels=num_labels if model.task == CLASSIFICATION else None, settings=model,
                       zero3_scope=zero3_scope)
+
+
+def _keep_4bit_layout(model) -> None:
+    """Keep every 4-bit weight in the layout it was loaded in. On a CPU with AVX512-BF16, bitsandbytes repacks a
+    4-bit weight in place for its CPU kernel the first time the layer runs in eval mode without gradients (here:
+    each round's evaluation), and unpacks it again to save it. Under ZeRO-3, DeepSpeed has partitioned that weight
+    by then, and the unpacking fails the trial's checkpoint ("packed_weight should be [N, K/2]"); a lent base
+    must also reach the next trial as it was loaded. Evaluation then takes bitsandbytes' generic CPU path."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):   # bitsandbytes' Linear4bit
+            module.support_avx512bf16_for_cpu = False
 
 
 def _zero3_init_scope(zero3_config: dict):

@@ -97,6 +97,21 @@ def test_quantized_base_on_cpu(tiny_llama, quantization, layer):
     assert all(param.grad is not None for param in peft_model.parameters() if param.requires_grad)
 
 
+def test_evaluation_leaves_a_4bit_base_in_its_loaded_layout(tiny_llama):
+    """On a CPU with AVX512-BF16, bitsandbytes repacked 4-bit weights in place at the first eval forward; under
+    ZeRO-3 the checkpoint then failed to unpack them ("packed_weight should be [N, K/2]"). On other CPUs
+    bitsandbytes never repacks, and this passes either way."""
+    pytest.importorskip("bitsandbytes")
+    base = load_base(ModelSettings(tiny_llama, task="causal-lm", quantization="nf4"))
+    layer = base.model.model.layers[0].self_attn.q_proj
+    shape, state = layer.weight.shape, base.model.state_dict()
+    _logits(base.model, base.tokenizer)   # eval mode, no gradients: where the repacking happened
+    assert layer.weight.shape == shape
+    assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+    again = base.model.state_dict()
+    assert again.keys() == state.keys() and all(torch.equal(again[key], state[key]) for key in state)
+
+
 def test_load_base_for_adapter_reads_num_labels_from_the_saved_head(tmp_path):
     from trainers.model import load_base_for_adapter
     from trainers.tiny_models import build_tiny_classifier
