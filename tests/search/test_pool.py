@@ -1,7 +1,6 @@
 """The trial pool's hand-over between Tune trial functions and worker groups (search/pool.py), without Ray:
 the actor's methods called from threads, as Ray's threaded actor calls them."""
 import threading
-import time
 
 import pytest
 
@@ -181,7 +180,6 @@ def test_closing_the_pool_does_not_wait_for_a_group_whose_loop_has_ended(monkeyp
     monkeypatch.setattr(TrialPool, "_run_group", group_loop)
     pool = TrialPool(slots=1, scaling=None, storage_path="unused", name="tune")
     pool.prestart(1, warm=None)
-    started = time.monotonic()
-    assert pool.close(timeout=5) is True
-    assert time.monotonic() - started < 2 and pool.threads[0].is_alive()
+    # True while the thread still lives: close returned on the loop's word, not when the thread ended
+    assert pool.close(timeout=60) is True and pool.threads[0].is_alive()
     shutting_down.set()
