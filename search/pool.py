@@ -53,7 +53,7 @@ class TrialPool:
         self.mailboxes: Dict[int, _Mailbox] = {}         # trials submitted and not yet ended
         self.groups: Dict[int, set] = {}                 # live group -> the trials it runs
         self.started = 0
-        self.threads = []                                # each group's, running its TorchTrainer
+        self.threads: Dict[int, threading.Thread] = {}   # group -> the thread running its TorchTrainer
         self.ended = set()                               # groups whose loop has ended (`loop_ended`)
         self.warm = None                                 # settings whose base a new group loads before any trial
         self.lock = threading.Lock()
@@ -128,7 +128,7 @@ class TrialPool:
         traceback when the pool is killed). True when all have left or ended within `timeout` seconds; the
         groups' Ray Train runs are not waited for (their shutdown cost a search ~1.5 s, and nothing reads them)."""
         with self.lock:
-            threads = dict(enumerate(self.threads))
+            threads = dict(self.threads)
         for _ in threads:
             self.jobs.put((None, CLOSED))
         deadline = time.monotonic() + timeout
@@ -155,7 +155,7 @@ class TrialPool:
         group, self.started = self.started, self.started + 1
         self.groups[group] = set()
         thread = threading.Thread(target=self._run_group, args=(group,), name=f"group-{group}", daemon=True)
-        self.threads.append(thread)
+        self.threads[group] = thread
         thread.start()
 
     def _run_group(self, group: int) -> None:

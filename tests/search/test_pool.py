@@ -157,7 +157,7 @@ def test_closing_the_pool_ends_every_groups_loop_and_says_whether_all_ended(monk
     pool.submit(2, {"number": 2})
     assert len(pool.threads) == 2
     assert pool.close(timeout=5) is True          # both loops took CLOSED after their trials
-    assert sorted(taken) == [1, 2] and not any(t.is_alive() for t in pool.threads)
+    assert sorted(taken) == [1, 2] and not any(t.is_alive() for t in pool.threads.values())
 
     stuck = TrialPool(slots=1, scaling=None, storage_path="unused", name="tune")
     stuck.submit(9, {"number": 9})
