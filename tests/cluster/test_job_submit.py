@@ -77,7 +77,8 @@ def ray_head():
 
 def smoke_spec_with_more_trials(tmp_path) -> str:
     """examples/smoke.yaml with TRIALS trials, written with absolute data paths (it lives outside examples/)."""
-    spec = yaml.safe_load(open(os.path.join(REPO, "examples", "smoke.yaml")))
+    with open(os.path.join(REPO, "examples", "smoke.yaml")) as smoke:
+        spec = yaml.safe_load(smoke)
     spec["search"]["trials"] = TRIALS
     for key in ("train", "eval"):
         spec["data"][key] = os.path.join(REPO, "examples", spec["data"][key])
