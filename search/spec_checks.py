@@ -184,8 +184,11 @@ def resolve_modules(requested: Any, model_type: str, method: str, feedforward: b
 
 def shape_problems(shape, method: str, fixed: Mapping[str, Any], space: Mapping[str, Kind],
                    max_length_where: str) -> List[str]:
-    """Target modules exist, ranks fit the targeted layers, virtual tokens fit the positions."""
+    """Target modules exist, ranks fit the targeted layers, virtual tokens fit the positions, the method can
+    train this model with the installed libraries."""
     problems: List[str] = []
+    if method == "prefix-tuning" and shape.prefix_tuning_problem:
+        problems.append(f"peft.method: {shape.prefix_tuning_problem}")
     if "target_modules" in fixed or "target_modules" in space:
         where = _where("target_modules", space)
         for requested in _candidates("target_modules", fixed, space):

@@ -57,9 +57,9 @@ def _check_depth(text: str, path: str) -> None:
         if isinstance(event, yaml.CollectionStartEvent):
             depth += 1
             if depth > MAX_DEPTH:
-                line = event.start_mark.line + 1
-                raise SpecError([f"{path}: the YAML nests more than {MAX_DEPTH} levels deep (at line {line}); "
-                                 f"a spec nests a few"])
+                mark = event.start_mark
+                raise SpecError([f"{path}: the YAML nests more than {MAX_DEPTH} levels deep (at line "
+                                 f"{mark.line + 1}, column {mark.column + 1}); a spec nests a few"])
         elif isinstance(event, yaml.CollectionEndEvent):
             depth -= 1
 

@@ -24,6 +24,32 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
 PROMPT_INITS = {"random": "RANDOM", "sample-vocab": "SAMPLE_VOCAB", "text": "TEXT"}
 
 
+def prefix_tuning_problem(model, task: str) -> Optional[str]:
+    """Why PEFT cannot prefix-tune `model` for `task`, or None. For a classifier PEFT hands the prefix to the
+    model's (or its backbone's) forward as `past_key_values` and checks the signature first; transformers 5.24
+    renamed that argument `cache`, which PEFT 0.21 does not know. Causal LMs take it through **kwargs."""
+    import inspect
+
+    from transformers import PreTrainedModel
+
+    if task != CLASSIFICATION:
+        return None
+
+    def takes_prefix(module) -> bool:
+        return "past_key_values" in inspect.signature(module.forward).parameters
+
+    backbone = next((child for child in model.children() if isinstance(child, PreTrainedModel)), None)
+    if takes_prefix(model) or (backbone is not None and takes_prefix(backbone)):
+        return None
+    import peft
+    import transformers
+
+    return (f"prefix-tuning cannot train a {task} model with transformers {transformers.__version__} and PEFT "
+            f"{peft.__version__}: PEFT passes the prefix as `past_key_values`, which this transformers' "
+            f"{type(backbone or model).__name__} no longer takes (transformers < 5.24 does); use prompt-tuning, "
+            f"LoRA or IA3, or install transformers<5.24")
+
+
 def method_params(peft: PeftSettings) -> Dict[str, Any]:
     """The method's parameters with defaults filled in; unknown keys are an error naming the known ones."""
     if peft.method not in DEFAULTS:
@@ -136,4 +162,7 @@ def build_peft_config(peft: PeftSettings, model, task: str, tokenizer_path: Opti
     if task not in TASK_TYPES:
         raise ValueError(f"model.task must be one of {list(TASK_TYPES)}, got {task!r}")
     params = method_params(peft)
+    problem = prefix_tuning_problem(model, task) if peft.method == "prefix-tuning" else None
+    if problem:   # PEFT itself would fail only at the first forward, with a message that names no fix
+        raise ValueError(f"peft.method: {problem}")
     return BUILDERS[peft.method](params, model, TASK_TYPES[task], tokenizer_path)

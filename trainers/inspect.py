@@ -35,6 +35,8 @@ class ModelShape:
     max_position_embeddings: Optional[int]
     # full module name -> (in_features, out_features) of every nn.Linear / GPT-2 Conv1D
     layers: Mapping[str, Tuple[int, int]] = field(default_factory=dict)
+    # why PEFT cannot prefix-tune this model for its task with the installed libraries, or None
+    prefix_tuning_problem: Optional[str] = None
 
     @property
     def leaf_names(self) -> List[str]:
@@ -102,6 +104,7 @@ def inspect_model(name_or_path: str, task: str) -> ModelShape:
     import torch
     import transformers
     from spaces.targets import linear_layers
+    from trainers.adapters import prefix_tuning_problem
 
     auto_class = getattr(transformers, _AUTO_CLASSES[task])
     verbosity = transformers.logging.get_verbosity()
@@ -121,4 +124,5 @@ def inspect_model(name_or_path: str, task: str) -> ModelShape:
         vocab_size=_config_value(config, "vocab_size"),
         max_position_embeddings=_config_value(config, "max_position_embeddings", "n_positions"),
         layers=linear_layers(model),
+        prefix_tuning_problem=prefix_tuning_problem(model, task),
     )

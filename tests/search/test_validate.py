@@ -7,7 +7,7 @@ import os
 import pytest
 
 from search.validate import validate_file
-from test_spec_helpers import base_spec, merged, tiny_world, write_spec  # noqa: F401 (fixture)
+from test_spec_helpers import DELETE, base_spec, merged, tiny_world, write_spec  # noqa: F401 (fixture)
 
 EXAMPLES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "examples", "*.yaml")))
 
@@ -76,3 +76,19 @@ def test_gpu_check_applies_to_embedded_runs_only(tiny_world, tmp_path, monkeypat
     assert spec is None and len(problems) == 1 and "(embedded Ray)" in problems[0]
     spec, problems = validate_file(path, embedded=False)
     assert problems == [] and spec.resources.gpus_per_worker == 1
+
+
+@pytest.mark.parametrize("problem", [None, "prefix-tuning cannot train a sequence-classification model (stand-in)"])
+def test_prefix_tuning_is_refused_where_the_installed_libraries_cannot_train_it(tiny_world, tmp_path, monkeypatch,
+                                                                                problem):
+    from dataclasses import replace
+
+    import trainers.inspect
+
+    real = trainers.inspect.inspect_model
+    monkeypatch.setattr(trainers.inspect, "inspect_model",
+                        lambda name, task: replace(real(name, task), prefix_tuning_problem=problem))
+    spec = merged(base_spec(tiny_world), {"peft.method": "prefix-tuning", "peft.target_modules": DELETE,
+                                          "space": {"num_virtual_tokens": [2, 4]}})
+    _, problems = validate_file(write_spec(tmp_path, spec))
+    assert problems == ([f"peft.method: {problem}"] if problem else [])

@@ -12,8 +12,9 @@ from peft import PeftModel
 
 import trainers.recipe as recipe
 from trainers.errors import TrialFailed
+from trainers.inspect import inspect_model
 from trainers.model import load_base
-from trainers_helpers import METHODS, cls_settings, lm_settings
+from trainers_helpers import METHODS, cls_settings, lm_settings, skip_refused_prefix_tuning
 
 ROUND_KEYS = {"round", "rounds_total", "step", "epoch", "train_loss", "eval_loss", "tokens_per_s", "peak_mem_mb", "train_s",
               "energy_j", "trainable_params"}
@@ -52,6 +53,11 @@ def test_classification_learns_and_saves_a_reloadable_adapter(tmp_path, tiny_ber
                                                                method):
     reports = []
     settings = cls_settings(tiny_bert, cls_data, method, epochs=4)
+    if method == "prefix-tuning" and inspect_model(tiny_bert, "sequence-classification").prefix_tuning_problem:
+        with pytest.raises(ValueError, match="peft.method: prefix-tuning cannot train"):
+            recipe.run_trial(settings, reports.append, str(tmp_path))
+        assert reports == []
+        return
     final = recipe.run_trial(settings, reports.append, str(tmp_path))
     assert [r["round"] for r in reports] == [1, 2, 3, 4]
     assert final == reports[-1]
@@ -268,6 +274,7 @@ def test_bad_plateau_settings_are_rejected_before_the_trial_starts(tmp_path, tin
 
 @pytest.mark.parametrize("method", METHODS)
 def test_last_round_reports_diagnostics(tmp_path, tiny_bert, cls_data, method):
+    skip_refused_prefix_tuning(method, tiny_bert)
     reports = []
     settings = cls_settings(tiny_bert, cls_data, method, epochs=2)
     final = recipe.run_trial(settings, reports.append, str(tmp_path))
