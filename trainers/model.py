@@ -7,7 +7,7 @@ on it, each trial adding its adapter and removing it afterwards.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -15,6 +15,9 @@ from trainers.data import CLASSIFICATION
 from trainers.hub import resolve_model_path
 from trainers.kernels import from_pretrained_kwargs, prepare_adapter, prepare_base, wants_checkpointing
 from trainers.settings import DTYPES, ModelSettings, PeftSettings, QUANTIZATIONS, TASKS, TrialSettings
+
+# The heads PEFT trains in full on a classifier (its SEQ_CLS modules_to_save, matched as name suffixes).
+CLASSIFIER_HEADS = ("classifier", "score")
 
 
 @dataclass
@@ -52,11 +55,14 @@ def compute_dtype(requested: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def quantization_config(quantization: str, dtype: torch.dtype, zero3: bool = False):
+def quantization_config(quantization: str, dtype: torch.dtype, zero3: bool = False,
+                        skip_modules: Optional[Sequence[str]] = None):
     """A BitsAndBytesConfig for nf4 (QLoRA: double quantization, compute in `dtype`) or int8; None for none.
 
     `zero3`: ZeRO-3 partitions and gathers the weights as tensors of one float dtype, so the packed 4-bit
     weights are stored in the compute dtype (bnb_4bit_quant_storage) instead of uint8; int8 has no such option.
+    `skip_modules`: modules left unquantized (names transformers matches as prefixes or suffixes). They replace
+    transformers' own choice, which keeps the output head (lm_head) unquantized: None keeps that choice.
     """
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"model.quantization must be one of {list(QUANTIZATIONS)}, got {quantization!r}")
@@ -73,10 +79,12 @@ def quantization_config(quantization: str, dtype: torch.dtype, zero3: bool = Fal
                           "pip install 'peft-search[quantization]'") from exc
     from transformers import BitsAndBytesConfig
 
+    skip = list(skip_modules) if skip_modules is not None else None
     if quantization == "nf4":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype if zero3 else torch.uint8)
-    return BitsAndBytesConfig(load_in_8bit=True)
+                                  bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype if zero3 else torch.uint8,
+                                  llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
 
 
 def load_base(model: ModelSettings, num_labels: Optional[int] = None,
@@ -99,7 +107,11 @@ def load_base(model: ModelSettings, num_labels: Optional[int] = None,
         raise ValueError("sequence-classification needs num_labels (the number of distinct train labels)")
     device = device or current_context().device
     dtype = compute_dtype(model.dtype, device)
-    quantization = quantization_config(model.quantization, dtype, zero3=zero3_config is not None)
+    # A classifier's head trains in full (PEFT's modules_to_save), so it is never quantized. transformers' own
+    # choice keeps the module of the model's last parameter unquantized but strips only ".weight" from its name:
+    # a head whose last parameter is its bias ("classifier.bias") would be quantized.
+    quantization = quantization_config(model.quantization, dtype, zero3=zero3_config is not None,
+                                       skip_modules=CLASSIFIER_HEADS if model.task == CLASSIFICATION else None)
     path = resolve_model_path(model.name_or_path)
     zero3_scope = _zero3_init_scope(zero3_config) if zero3_config is not None and quantization is None else None
 
@@ -120,6 +132,8 @@ def load_base(model: ModelSettings, num_labels: Optional[int] = None,
         loaded = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kwargs)
     else:
         loaded = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if quantization is not None:
+        _unquantized_layers_to_linear(loaded)
     if loaded.config.pad_token_id is None:
         # Decoder classifiers find each row's last token through the pad id.
         loaded.config.pad_token_id = tokenizer.pad_token_id
@@ -136,6 +150,29 @@ def load_base(model: ModelSettings, num_labels: Optional[int] = None,
                       path=path, dtype=dtype, quantization=model.quantization, device=device,
                       num_labels=num_labels if model.task == CLASSIFICATION else None, settings=model,
                       zero3_scope=zero3_scope)
+
+
+def _unquantized_layers_to_linear(model) -> None:
+    """transformers swaps every nn.Linear it quantizes for a bitsandbytes layer before it reads the checkpoint,
+    and quantizes each weight as it places it. A layer the checkpoint lacks (a pooler the pretrained model never
+    had) is initialised afterwards with a float weight the bitsandbytes layer cannot run: its forward finds no
+    quantization state and fails. Such a layer goes back to nn.Linear, holding the same parameters."""
+    from bitsandbytes.nn import Int8Params, Linear4bit, Linear8bitLt, Params4bit
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Linear4bit):
+            quantized = Params4bit
+        elif isinstance(module, Linear8bitLt):
+            quantized = Int8Params
+        else:
+            continue
+        if isinstance(module.weight, quantized):
+            continue
+        linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                                 device="meta")
+        linear.weight, linear.bias = module.weight, module.bias
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, linear)
 
 
 def _keep_4bit_layout(model) -> None:
