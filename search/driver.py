@@ -12,19 +12,21 @@ from typing import Optional
 
 from cluster import leftovers, local
 from search import outputs
-from search.resume import DriverLock, ResumePlan, plan, record_or_check
+from search.resume import (DriverLock, ResumePlan, infrastructure_failures, plan, record_or_check,
+                           rerun_infrastructure_failures)
 from search.rundir import prepare_run_dir, write_run_files
 from search.progress import CancelEndedTrials, ProgressLines
 from search.remote_storage import KEY, RemoteRun, RemoteStorageError, one_line
 from search.schedulers import make_scheduler
 from search.packing import choose_pack
 from search.pool import start_pool
-from search.searcher import PeftOptunaSearch, make_sampler
+from search.searcher import ClusterAwareSearch, PeftOptunaSearch, make_sampler
 from search.storage import StorageError, open_storage, study_name
 from search.tracking import log_tables
 from search.trial import tune_trial
 
 GROUPS_CLOSE_S = 15
+NODE_ID_LABEL = "ray.io/node-id"   # the label Ray 2.60 gives every node: its node id
 
 log = logging.getLogger("peft_search")
 
@@ -48,11 +50,16 @@ def run_search(spec, runs_dir: str, address: Optional[str] = None, resume: bool 
         todo = plan(study, spec.search.trials)
         if todo.asked:
             log.info(f"resuming: {todo.finished} trials finished and kept, {len(todo.interrupted)} interrupted "
-                     f"(run again from their last checkpoint), {todo.new} new")
+                     f"or failed by the cluster (run again from their last checkpoint), {todo.new} new")
         wall_before, started = (outputs.previous_wall(run_dir) or 0.0) if resume else 0.0, time.time()
         try:
             if todo.to_run:
                 _fit_on_ray(spec, run_dir, address, todo, remote)
+            failed_on_cluster = infrastructure_failures(study)
+            if failed_on_cluster:
+                log.warning(f"{len(failed_on_cluster)} trials failed only because of the cluster (lost nodes or "
+                            f"workers, or the trial pool): {failed_on_cluster}; `peft-search resume {run_dir}` "
+                            f"runs them again")
         finally:
             rows = outputs.refresh(run_dir, wall_s=wall_before + time.time() - started, storage=spec.storage)
             log_tables(run_dir, spec.name, spec.tracking, {"trials": rows, **_sensitivity_tables(spec, study, rows)})
@@ -70,10 +77,16 @@ def open_study(spec, run_dir: str, resume: bool):
     if not resume and study.get_trials(deepcopy=False):
         raise StorageError(f"storage: already holds a study {name!r} with trials; resume it or use another storage")
     record_or_check(study, spec)
+    rerun = rerun_infrastructure_failures(study) if resume else []
+    if rerun:   # RUNNING again, as interrupted trials are; loaded again, past the cache of their FAIL state
+        log.info(f"trials {rerun} failed only because of the cluster: they run again")
+        study = optuna.load_study(storage=open_storage(spec.storage, run_dir), study_name=name)
     return study
 
 
 def _fit_on_ray(spec, run_dir: str, address: Optional[str], todo: ResumePlan, remote: Optional[RemoteRun]) -> None:
+    import ray
+
     # A failing trial reports only its reason; Tune's strict check would turn that into a
     # driver-side error instead of a FAIL row.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
@@ -88,9 +101,10 @@ def _fit_on_ray(spec, run_dir: str, address: Optional[str], todo: ResumePlan, re
         log.info(f"stopped {stopped} processes left by the previous driver's embedded Ray")
     started_ray = local.connect(address, spec.search.concurrency, cpus_per_trial)
     if started_ray:
-        import ray
-
         leftovers.record(run_dir, ray.get_runtime_context().gcs_address)
+    elif not spec.resources.storage_path and sum(1 for node in ray.nodes() if node.get("Alive")) > 1:
+        log.info(f"{run_dir} must be on storage every node of the cluster sees (NFS, EFS), or set "
+                 f"resources.storage_path: a trial retried on another node goes on from its checkpoint only there")
     try:
         _fit(spec, run_dir, todo, remote)
     finally:
@@ -130,13 +144,17 @@ def _fit(spec, run_dir: str, todo: ResumePlan, remote: Optional[RemoteRun]) -> N
                                          pool=pool)
         tuner = tune.Tuner(
             # the trial function only waits on its worker group, which holds the real resources; its actor
-            # is reused for the next trial (one process start less per trial)
-            tune.with_resources(trainable, {"cpu": 0.01}),
+            # is reused for the next trial (one process start less per trial). On the driver's node, with the
+            # pool: a lost worker node then takes no trial function, only workers, whose trials are retried
+            tune.with_resources(trainable, tune.PlacementGroupFactory(
+                [{"CPU": 0.01}], bundle_label_selector=[{NODE_ID_LABEL: ray.get_runtime_context().get_node_id()}])),
             tune_config=tune.TuneConfig(search_alg=_searcher(spec, run_dir, todo, metric, mode), scheduler=scheduler,
                                         num_samples=todo.to_run, max_concurrent_trials=spec.search.concurrency * pack,
                                         reuse_actors=True),
             run_config=tune.RunConfig(name=tune_name, storage_path=storage_path, storage_filesystem=storage_filesystem,
                                       verbose=0,
+                                      # retries happen inside the trial function (search/trial.py), which
+                                      # lives on the driver's node: a restart by Tune would only repeat a fault
                                       failure_config=tune.FailureConfig(max_failures=0),
                                       callbacks=[ProgressLines(metric, mode, todo.to_run), CancelEndedTrials(pool)]),
         )
@@ -150,7 +168,7 @@ def _searcher(spec, run_dir: str, todo: ResumePlan, metric, mode) -> PeftOptunaS
     from search.refine import Refiner
 
     has_defaults = bool(spec.default_params())   # some published default lies inside the space
-    return PeftOptunaSearch(
+    return ClusterAwareSearch(
         space=spec.search_space(), metric=metric, mode=mode,
         # a resumed driver's sampler must not replay the draws of the first driver's (same seed, same draws)
         sampler=make_sampler(spec.search.algorithm, spec.search.seed + todo.asked,
@@ -174,6 +192,8 @@ def _close_groups(pool) -> None:
         ray.get(pool.close.remote(timeout=GROUPS_CLOSE_S), timeout=GROUPS_CLOSE_S + 10)
     except ray.exceptions.GetTimeoutError:
         pass
+    except ray.exceptions.RayActorError as exc:   # its trials were recorded as failed by the cluster already
+        log.warning(f"the trial pool was lost: {' '.join(str(exc).split())[:300]}")
 
 
 def _tune_name(run_dir: str, remote: Optional[RemoteRun]) -> str:
@@ -185,3 +205,4 @@ def _tune_name(run_dir: str, remote: Optional[RemoteRun]) -> str:
         count += 1
         name = f"tune-{count}"
     return name
+

@@ -12,7 +12,11 @@ data on the base its group loaded once (trainers/recipe.run_trial's lent base).
 A trial's reports go rank 0 -> pool -> trial function -> tune.report. Rank 0 waits at each report until the
 trial function asks for the next one (Tune let the trial go on) or cancels it (ASHA stopped it), so a
 stopped trial trains no further. A group whose worker dies ends its TorchTrainer; the trial it ran ends
-with the reason, and search/trial.py runs it again from its checkpoint on a group that works.
+with the reason, and search/trial.py runs it again from its checkpoint on a group that works (a new one is
+started in place of the lost one).
+
+The pool and the groups' Ray Train controllers (which Ray Train starts on the node of the process calling
+`fit`, the pool's) live on the driver's node: a lost worker node takes only the workers placed on it.
 """
 from __future__ import annotations
 
@@ -23,10 +27,12 @@ import time
 from typing import Any, Dict, Optional, Tuple
 
 from search.remote_storage import KEY, one_line
+from search.trial_keys import NODE_KEY
 
 REPORT, END = "report", "end"
 NO_TRIAL, CLOSED = "no trial", "closed"
 GO_ON, STOP = "go on", "stop"
+TAKE_POLL_S = 0.5   # how often a group's waiting `take` checks that the group still lives
 
 
 class TrialStopped(Exception):
@@ -34,7 +40,8 @@ class TrialStopped(Exception):
 
 
 class _Mailbox:
-    def __init__(self):
+    def __init__(self, attempt: Optional[int] = None):
+        self.attempt = attempt                        # the trial's run it serves (search/trial.py retries)
         self.reports: queue.Queue = queue.Queue()     # (REPORT, metrics) ... then (END, error or None)
         self.decisions: queue.Queue = queue.Queue()   # GO_ON / STOP, one per report
         self.owed = False                             # a report was handed out and awaits its decision
@@ -55,13 +62,14 @@ class TrialPool:
         self.started = 0
         self.threads: Dict[int, threading.Thread] = {}   # group -> the thread running its TorchTrainer
         self.ended = set()                               # groups whose loop has ended (`loop_ended`)
+        self.gone = set()                                # groups whose Ray Train run has ended (lost, or closed)
         self.warm = None                                 # settings whose base a new group loads before any trial
         self.lock = threading.Lock()
 
     # --- the Tune trial function's side
     def submit(self, number: int, job: Dict[str, Any]) -> None:
         with self.lock:
-            self.mailboxes[number] = _Mailbox()
+            self.mailboxes[number] = _Mailbox(job.get("attempt") if isinstance(job, dict) else None)
             self._start_groups_for(len(self.mailboxes))
         self.jobs.put((number, job))
 
@@ -87,36 +95,48 @@ class TrialPool:
     # --- rank 0 of each group
     def take(self, group: int, wait: bool = True) -> Any:
         """The next trial for `group`, NO_TRIAL when none waits (`wait` False), or CLOSED once the search is
-        over (`close`): the group's loop returns then."""
+        over (`close`): the group's loop returns then.
+
+        A call whose group is gone meanwhile (its node lost while rank 0 waited here: the call lives on in
+        this actor with nobody to answer) returns CLOSED and leaves the trials to the live groups."""
         while True:
             try:
-                number, job = self.jobs.get(block=wait)
+                number, job = self.jobs.get(block=wait, timeout=TAKE_POLL_S if wait else None)
             except queue.Empty:
-                return NO_TRIAL
+                if wait and group not in self.gone:
+                    continue
+                return CLOSED if group in self.gone else NO_TRIAL
             if job == CLOSED:
                 return CLOSED
             with self.lock:
+                if group in self.gone:
+                    self.jobs.put((number, job))
+                    return CLOSED
                 if number in self.mailboxes:   # not cancelled while it waited
                     self.groups.setdefault(group, set()).add(number)
                     return job
 
-    def put_report(self, number: int, metrics: Dict[str, Any]) -> bool:
-        """Hand a round's metrics to the trial; True when the trial must stop here."""
+    def put_report(self, number: int, metrics: Dict[str, Any], attempt: Optional[int] = None) -> bool:
+        """Hand a round's metrics to the trial; True when the trial must stop here (also when `attempt`, the
+        run of the trial that reports, is not the trial's current one)."""
         box = self.mailboxes.get(number)
-        if box is None:
+        if box is None or not _same_attempt(box, attempt):
             return True
         box.reports.put((REPORT, metrics))
         return box.decisions.get() == STOP
 
-    def finish(self, group: int, number: int, error: Optional[str]) -> None:
+    def finish(self, group: int, number: int, error: Optional[str], attempt: Optional[int] = None) -> None:
         with self.lock:
             self.groups.get(group, set()).discard(number)
-        self._end(number, error)
+            box = self.mailboxes.get(number)
+        if box is not None and _same_attempt(box, attempt):
+            self._end(number, error)
 
     def _end(self, number: int, error: Optional[str]) -> None:
         box = self.mailboxes.get(number)
         if box is not None:
             box.reports.put((END, error))
+            box.decisions.put(STOP)   # a put_report of a rank 0 that was lost while it waited returns
 
     def loop_ended(self, group: int) -> None:
         """Rank 0 of `group`: its loop has ended, every rank past the last collective (after `close`)."""
@@ -179,6 +199,7 @@ class TrialPool:
             error = failure_reason(exc)
         with self.lock:
             numbers = self.groups.pop(group, set())
+            self.gone.add(group)
         for number in numbers:
             self._end(number, error or "its worker group ended while it ran")
 
@@ -203,6 +224,7 @@ def start_pool(spec, storage_path: str, storage_filesystem, name: str, pack: int
     `trials` trials will keep busy start at once."""
     import ray
     from ray.train import ScalingConfig
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     resources = spec.resources
     scaling = ScalingConfig(
@@ -212,8 +234,10 @@ def start_pool(spec, storage_path: str, storage_filesystem, name: str, pack: int
                               **({"GPU": resources.gpus_per_worker} if resources.gpus_per_worker else {})},
     )
     slots = spec.search.concurrency
-    # threads: each group's rank 0 and each trial function wait inside the actor, plus short calls
-    actor = ray.remote(TrialPool).options(num_cpus=0, max_concurrency=4 * slots * pack + 8)
+    # threads: each group's rank 0 and each trial function wait inside the actor, plus short calls. On the
+    # driver's node, not soft: the pool (and with it every group's controller) must not go with a worker node
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    actor = ray.remote(TrialPool).options(num_cpus=0, max_concurrency=4 * slots * pack + 8, scheduling_strategy=here)
     pool = actor.remote(slots, scaling, storage_path, name, pack, storage_filesystem)
     # the spec's defaults: every trial's base is the same (the model and data settings are not searched)
     pool.prestart.remote(trials, spec.trial_settings({}))
@@ -240,7 +264,7 @@ def serve_trials(config: Dict[str, Any]) -> None:
             return
         error = run_job(job, rank, pool, bases)
         if rank == 0:
-            ray.get(pool.finish.remote(group, job["number"], error))
+            ray.get(pool.finish.remote(group, job["number"], error, job.get("attempt")))
 
 
 def run_job(job: Dict[str, Any], rank: int, pool, bases: "BaseCache") -> Optional[str]:
@@ -258,6 +282,7 @@ def run_job(job: Dict[str, Any], rank: int, pool, bases: "BaseCache") -> Optiona
 
     tracker = start_trial(job["run_dir"], job["search_name"], job["number"], job["params"],
                           job["tracking"]) if rank == 0 else None
+    node = ray.get_runtime_context().get_node_id()
     settings, output_dir, remote = job["settings"], job["output_dir"], job.get("remote")
 
     def report(metrics: dict) -> None:
@@ -265,7 +290,8 @@ def run_job(job: Dict[str, Any], rank: int, pool, bases: "BaseCache") -> Optiona
             tracker.log_round(metrics)
         if remote is not None:   # the round's checkpoint (and, after the last, the adapter) is on disk now
             mirror_round(remote, output_dir, job["number"])
-        stop = ray.get(pool.put_report.remote(job["number"], metrics)) if rank == 0 else False
+        stop = ray.get(pool.put_report.remote(job["number"], {**metrics, NODE_KEY: node},
+                                              job.get("attempt"))) if rank == 0 else False
         if all_reduce([float(stop)], op="max")[0]:   # every rank stops at the same round
             raise TrialStopped()
 
@@ -344,13 +370,15 @@ def serve_packed(config: Dict[str, Any]) -> None:
     from trainers.packed import Pack
 
     pool, group, size = config["pool"], config["group"], config["pack"]
+    node = ray.get_runtime_context().get_node_id()
     bases, pack, meter, jobs, trackers = BaseCache.warmed(config["warm"]), None, None, {}, {}
 
     def leave(number, state, error=None):
         pack.remove(number)
         trackers.pop(number).finish({}, state)
-        record_measured(jobs.pop(number)["run_dir"], config["name"], group, meter)
-        ray.get(pool.finish.remote(group, number, error))
+        record_measured(jobs[number]["run_dir"], config["name"], group, meter)
+        ray.get(pool.finish.remote(group, number, error, jobs[number].get("attempt")))
+        jobs.pop(number)
 
     while True:
         while len(jobs) < size:   # fill the free places; wait for a trial only when nothing trains
@@ -369,7 +397,7 @@ def serve_packed(config: Dict[str, Any]) -> None:
             try:
                 pack.add(number, job["settings"])
             except ValueError as exc:
-                ray.get(pool.finish.remote(group, number, str(exc)))
+                ray.get(pool.finish.remote(group, number, str(exc), job.get("attempt")))
                 continue
             jobs[number] = job
             trackers[number] = start_trial(job["run_dir"], job["search_name"], number, job["params"], job["tracking"])
@@ -397,7 +425,7 @@ def serve_packed(config: Dict[str, Any]) -> None:
                         leave(number, "FAIL", problem)
                         continue
             trackers[number].log_round(metrics)
-            stop = ray.get(pool.put_report.remote(number, metrics))
+            stop = ray.get(pool.put_report.remote(number, {**metrics, NODE_KEY: node}, jobs[number].get("attempt")))
             if finished or stop:
                 leave(number, "COMPLETE" if finished else "PRUNED")
         if not jobs:
@@ -460,3 +488,8 @@ def _freeze_what_lives_on(settings) -> None:
         import deepspeed  # noqa: F401
     gc.collect()
     gc.freeze()
+
+
+def _same_attempt(box: _Mailbox, attempt: Optional[int]) -> bool:
+    """Whether a group's call for `attempt` concerns the trial's current run (None: any run)."""
+    return attempt is None or box.attempt is None or box.attempt == attempt

@@ -1,7 +1,9 @@
 """Continuing a search after its driver stopped (killed, Ctrl-C, node lost), with the Optuna storage as the truth.
 
 The storage holds every trial the search asked for. On resume:
-- finished trials (COMPLETE, PRUNED, FAIL) are kept and never rerun;
+- finished trials (COMPLETE, PRUNED, FAIL) are kept and never rerun, except
+- FAIL trials that only the cluster failed (`failed_on: infrastructure`: lost nodes or workers past their
+  retries, a lost trial pool): they are made RUNNING again and then run as interrupted ones;
 - trials left RUNNING were interrupted: each runs again under its own Optuna trial (same number and
   parameters), from its last per-round checkpoint in trials/NNNN/checkpoint when there is one;
 - new trials fill the rest up to `search.trials`, asked from the same study, so the sampler sees every
@@ -22,6 +24,7 @@ from optuna.distributions import distribution_to_json
 from optuna.trial import TrialState
 
 from search.rundir import RunDirError
+from search.trial_keys import FAIL_REASON_KEY, FAILED_ON_KEY, INFRASTRUCTURE, INFRASTRUCTURE_RERUNS_ATTR
 
 SPACE_ATTR, OBJECTIVE_ATTR = "space", "objective"
 LOCK_FILE = "driver.lock"
@@ -87,6 +90,39 @@ def plan(study, total: int) -> ResumePlan:
     finished = sum(1 for trial in trials if trial.state in FINISHED)
     interrupted = sorted(trial.number for trial in trials if trial.state == TrialState.RUNNING)
     return ResumePlan(finished, interrupted, max(0, total - finished - len(interrupted)))
+
+
+def infrastructure_failures(study) -> List[int]:
+    """Numbers of the FAIL trials that only the cluster failed (search/trial.py marks them)."""
+    return sorted(trial.number for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+                  if trial.user_attrs.get(FAILED_ON_KEY) == INFRASTRUCTURE)
+
+
+def rerun_infrastructure_failures(study) -> List[int]:
+    """Make the trials of `infrastructure_failures` RUNNING again, as a killed driver leaves its trials: `plan`
+    then counts them interrupted, and they run again under their own number and parameters, from their last
+    checkpoint. Their failure reason goes; `infrastructure_reruns` counts the reruns. Returns their numbers.
+
+    Optuna never reopens a finished trial, so this writes its RDB tables (SQLite and PostgreSQL alike); `study`
+    (and any cache of its trials) must be loaded again afterwards."""
+    import sqlalchemy
+
+    trials = [trial for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+              if trial.user_attrs.get(FAILED_ON_KEY) == INFRASTRUCTURE]
+    if not trials:
+        return []
+    backend = getattr(study._storage, "_backend", study._storage)   # Optuna's cache wraps the RDBStorage
+    reopen = sqlalchemy.text("UPDATE trials SET state = 'RUNNING', datetime_complete = NULL "
+                             "WHERE trial_id = :trial AND state = 'FAIL'")
+    forget = sqlalchemy.text("DELETE FROM trial_user_attributes WHERE trial_id = :trial AND key IN (:reason, :on)")
+    with backend.engine.begin() as connection:   # all of them or none
+        for trial in trials:
+            connection.execute(reopen, {"trial": trial._trial_id})
+            connection.execute(forget, {"trial": trial._trial_id, "reason": FAIL_REASON_KEY, "on": FAILED_ON_KEY})
+    for trial in trials:
+        backend.set_trial_user_attr(trial._trial_id, INFRASTRUCTURE_RERUNS_ATTR,
+                                    int(trial.user_attrs.get(INFRASTRUCTURE_RERUNS_ATTR, 0)) + 1)
+    return [trial.number for trial in trials]
 
 
 class DriverLock:

@@ -21,6 +21,7 @@ from ray.tune.search.optuna import OptunaSearch
 from search.redact import secret_free_dumps
 from search.results import SYSTEM_COLUMNS, is_number
 from search.trial_keys import FAIL_REASON_KEY, ROUNDS_TOTAL_KEY, TRIAL_NUMBER_KEY  # noqa: F401 (also read from here)
+from search.trial_keys import FAILED_ON_KEY, NODE_KEY, NODES_ATTR, RETRIES_KEY
 
 if TYPE_CHECKING:
     from search.refine import Refiner
@@ -271,3 +272,38 @@ class PeftOptunaSearch(OptunaSearch):
             return TrialState.PRUNED, None
         return TrialState.COMPLETE, values if len(values) > 1 else values[0]
 
+
+class ClusterAwareSearch(PeftOptunaSearch):
+    """The searcher, also storing on each Optuna trial what the cluster did to it (search/trial_keys.py): the
+    nodes its rank 0 ran on (`nodes`), its retries after lost workers (`retries`), and, on a trial that the
+    cluster alone failed, `failed_on: infrastructure` (`peft-search resume` runs such a trial again)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._cluster_seen: dict = {}   # trial id -> what was stored of the above, to store each change once
+
+    def on_trial_result(self, trial_id: str, result: dict):
+        self._record_cluster(trial_id, result)
+        super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False):
+        self._record_cluster(trial_id, result or self._last_results.get(trial_id) or {})
+        super().on_trial_complete(trial_id, result, error)
+
+    def _record_cluster(self, trial_id: str, result: dict) -> None:
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None or trial_id in self._completed_trials:
+            return
+        seen = self._cluster_seen.setdefault(trial_id, {})
+        node = result.get(NODE_KEY)
+        if node:
+            if NODES_ATTR not in seen:   # a resumed trial's earlier nodes come first
+                seen[NODES_ATTR] = list(ot_trial.user_attrs.get(NODES_ATTR) or [])
+            if not seen[NODES_ATTR] or seen[NODES_ATTR][-1] != node:
+                seen[NODES_ATTR].append(node)
+                ot_trial.set_user_attr(NODES_ATTR, list(seen[NODES_ATTR]))
+        for key in (RETRIES_KEY, FAILED_ON_KEY):
+            value = result.get(key)
+            if value and seen.get(key) != value:
+                seen[key] = value
+                ot_trial.set_user_attr(key, value)

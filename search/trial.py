@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from search.remote_storage import RemoteRun, trial_parts
-from search.trial_keys import FAIL_REASON_KEY, TRIAL_NUMBER_KEY
+from search.trial_keys import FAIL_REASON_KEY, FAILED_ON_KEY, INFRASTRUCTURE, RETRIES_KEY, TRIAL_NUMBER_KEY
 
 TRIALS_SUBDIR = "trials"
 
@@ -37,13 +37,11 @@ def write_settings(settings, directory: str) -> str:
 
 def tune_trial(config: Dict[str, Any], spec, run_dir: str, threads_per_worker: int, pool) -> None:
     """The Tune trainable: builds the trial's settings, has a worker group of `pool` (search/pool.py) run
-    them, and passes its reports on to Tune."""
+    them, and passes its reports on to Tune. A trial whose workers were lost (killed, their node gone) runs
+    again from its last checkpoint on a group that works, up to `search.max_failures` times."""
     from dataclasses import replace
 
-    import ray
     from ray import tune
-
-    from search.pool import END
 
     number = config[TRIAL_NUMBER_KEY]
     params = {k: v for k, v in config.items() if k != TRIAL_NUMBER_KEY}
@@ -59,41 +57,114 @@ def tune_trial(config: Dict[str, Any], spec, run_dir: str, threads_per_worker: i
            "search_name": spec.name, "params": spec.decode(params), "tracking": spec.tracking, "remote": remote}
     retries = spec.search.max_failures
     for attempt in range(retries + 1):
-        ray.get(pool.submit.remote(number, job))
-        over = False
         try:
-            while True:
-                kind, payload = ray.get(pool.next_report.remote(number))
-                if kind == END:
-                    over = True
-                    break
-                tune.report(payload)   # raises SystemExit when Tune stops the trial
-        finally:
-            if not over:   # stopped by Tune (or this function failed): the group moves on
-                pool.cancel.remote(number)
-        reason = payload
-        if reason is None:
-            return
-        if attempt == retries or not worker_lost(reason):
+            reason = _run_attempt(pool, {**job, "attempt": attempt}, tune.report)
+        except PoolLost as exc:   # nothing can run the trial now; a resumed search runs it again
+            reason, lost, attempt_left = str(exc), True, False
+        else:
+            if reason is None:
+                return
+            lost, attempt_left = worker_lost(reason), attempt < retries
+        if not (lost and attempt_left):
             reason = reason if attempt == 0 else f"{reason} (after {attempt} retries)"
             # Reported, not raised: the searcher records a trial whose last report has a reason as FAIL, and
             # Tune keeps this function's actor for the next trial (a raise made it start another: 5 s here)
-            tune.report({FAIL_REASON_KEY: reason})
+            tune.report({FAIL_REASON_KEY: reason, RETRIES_KEY: attempt,
+                         **({FAILED_ON_KEY: INFRASTRUCTURE} if lost else {})})
             return
         print(f"trial {number}: {reason}; retrying from its last checkpoint ({attempt + 1}/{retries})", flush=True)
 
 
-# How Ray reports a worker process that died under a trial (killed, out of the node, node lost): worth a
-# retry. Anything else (divergence, out of memory, a bad setting) would fail the same way again.
-# Seen here (Ray 2.60, a worker SIGKILLed): "WorkerGroupError: The actor is dead because its worker process has
-# died. Worker exit type: SYSTEM_ERROR ...".
-_WORKER_LOST = re.compile(r"worker process has died|actor is dead|ActorDiedError|RayActorError|WorkerCrashedError|"
-                          r"NodeDiedError|ActorUnavailableError|died unexpectedly|node .* (?:was )?(?:lost|removed)",
-                          re.IGNORECASE)
+class PoolLost(RuntimeError):
+    """The search's TrialPool actor is gone (its node lost): no trial of this driver can run any more."""
+
+
+def _run_attempt(pool, job: Dict[str, Any], report) -> Optional[str]:
+    """Run the trial once on a group of `pool`, passing each report to `report`; its failure reason, or None
+    when it finished or Tune stopped it."""
+    import ray
+
+    from search.pool import END
+
+    number, attempt = job["number"], job["attempt"]
+
+    def ask(call):
+        try:
+            return ray.get(call)
+        except (ray.exceptions.RayActorError, ray.exceptions.RaySystemError) as exc:
+            raise PoolLost(f"the trial pool was lost: {_one_line(exc)}") from None
+
+    ask(pool.submit.remote(number, job))
+    over = False
+    try:
+        while True:
+            kind, payload = ask(pool.next_report.remote(number))
+            if kind == END:
+                over = True
+                return payload
+            if attempt:
+                payload[RETRIES_KEY] = attempt
+            report(payload)   # raises SystemExit when Tune stops the trial
+    finally:
+        if not over:   # stopped by Tune (or this function failed): the group moves on
+            pool.cancel.remote(number)
+
+
+# How Ray 2.60 says that a trial's workers were lost (the process killed, its node gone or cut off): worth a
+# retry on a group that works. Anything else (divergence, out of memory, a bad setting) would fail the same way
+# again. A node loss is reported first as the actor being unavailable, then, once the node is marked dead, as
+# the actor having died with it, e.g. (tests/cluster/test_node_loss.py has the full texts):
+#   "The actor 19dd... is unavailable: The actor is temporarily unavailable: RpcError: RPC error: Socket closed"
+#   "The actor died unexpectedly before finishing this task. The actor died because its node has died."
+#   "The actor is dead because its worker process has died. Worker exit type: SYSTEM_ERROR ..."
+_WORKER_LOST = re.compile(
+    r"worker lost|worker process has died|actor is dead|actor died|died unexpectedly|"
+    r"actor (?:\w+ )?is unavailable|actor is temporarily unavailable|\bRpcError\b|"
+    r"ActorDiedError|RayActorError|ActorUnavailableError|WorkerCrashedError|NodeDiedError|LocalRayletDiedError|"
+    r"OwnerDiedError|raylet died|owner has (?:died|exited)|its node has died|"
+    r"node (?:it was running on )?is dead|lost due to node failure|node .* (?:was )?(?:lost|removed)|"
+    r"WorkerGroupStartupFailedError|WorkerHealthCheckTimeoutError|PreemptionError|preempted",
+    re.IGNORECASE)
+# A process that ran out of memory (Ray's memory monitor kills one as its node runs low): its own settings'
+# doing, not the cluster's.
+_OUT_OF_MEMORY = re.compile(r"OutOfMemoryError|out of memory|OUT_OF_MEMORY|low on memory", re.IGNORECASE)
+LOST_PREFIX = "worker lost: "
 
 
 def worker_lost(reason: str) -> bool:
-    return bool(_WORKER_LOST.search(reason)) and "OutOfMemoryError" not in reason
+    """Whether a trial's failure reason says only that its workers were lost: the trial is worth a retry."""
+    return bool(_WORKER_LOST.search(reason)) and not _OUT_OF_MEMORY.search(reason)
+
+
+def lost_to_infrastructure(exc: BaseException) -> bool:
+    """Whether `exc` (what a worker group's run raised) comes from lost workers, by the exception types Ray
+    wraps in it (a worker's RayActorError inside Ray Train's WorkerGroupError ...) or else by its text."""
+    import ray.exceptions as rex
+
+    kinds = (rex.RayActorError, rex.NodeDiedError, rex.WorkerCrashedError, rex.LocalRayletDiedError,
+             rex.OwnerDiedError, rex.RpcError)
+    found = any(isinstance(cause, kinds) or type(cause).__name__ in _LOST_TRAIN_ERRORS for cause in _causes(exc))
+    text = str(exc)
+    return (found or bool(_WORKER_LOST.search(text))) and not _OUT_OF_MEMORY.search(text)
+
+
+# Ray Train's own (internal) exceptions for workers that could not start or answer: named, not imported
+_LOST_TRAIN_ERRORS = {"WorkerGroupStartupFailedError", "WorkerGroupStartupTimeoutError",
+                      "WorkerHealthCheckTimeoutError", "PreemptionError"}
+
+
+def _causes(exc: BaseException, depth: int = 0):
+    """`exc` and what it wraps: its cause, Ray Train's per-worker failures and controller failure, a task's cause
+    (not the exceptions it was merely raised while handling)."""
+    if exc is None or depth > 8:
+        return
+    yield exc
+    inner = [exc.__cause__, getattr(exc, "controller_failure", None),
+             getattr(exc, "health_check_failure", None), getattr(exc, "cause", None)]
+    inner += list((getattr(exc, "worker_failures", None) or {}).values())
+    for each in inner:
+        if isinstance(each, BaseException) and each is not exc:
+            yield from _causes(each, depth + 1)
 
 
 _TRIAL_FAILED = re.compile(r"TrialFailed: (.+)")
@@ -101,7 +172,8 @@ _LAST_EXCEPTION = re.compile(r"^(\w+(?:Error|Exception|Failed)): (.+)$", re.MULT
 
 
 def failure_reason(exc: BaseException) -> str:
-    """The recipe's own TrialFailed reason if there is one, else the innermost exception line."""
+    """The recipe's own TrialFailed reason if there is one, else the innermost exception line; a reason for
+    lost workers always says so (`worker_lost` recognises it)."""
     text = str(exc)
     found = _TRIAL_FAILED.findall(text)
     if found:
@@ -109,5 +181,13 @@ def failure_reason(exc: BaseException) -> str:
     lines = _LAST_EXCEPTION.findall(text)
     if lines:
         name, message = lines[-1]
-        return f"{name}: {message.strip()}"[:500]
-    return f"{type(exc).__name__}: {text.strip().splitlines()[-1] if text.strip() else 'no message'}"[:500]
+        reason = f"{name}: {message.strip()}"[:500]
+    else:
+        reason = f"{type(exc).__name__}: {text.strip().splitlines()[-1] if text.strip() else 'no message'}"[:500]
+    if not worker_lost(reason) and lost_to_infrastructure(exc):
+        reason = LOST_PREFIX + reason
+    return reason
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300] or type(exc).__name__

@@ -6,3 +6,14 @@ to read them (1.5 s of CPU each, at a search's start)."""
 TRIAL_NUMBER_KEY = "__optuna_trial_number"   # the Optuna trial number, in the config the searcher gives Tune
 FAIL_REASON_KEY = "fail_reason"
 ROUNDS_TOTAL_KEY = "rounds_total"
+
+# What the cluster did to a trial, carried in its reports and stored on the Optuna trial (search/driver.py):
+NODE_KEY = "node_id"              # in each report: the Ray node of the trial's rank 0
+NODES_ATTR = "nodes"              # user attr: every node the trial's rank 0 ran on, in order
+RETRIES_KEY = "retries"           # report and user attr: times the trial went on after losing its workers
+# report and user attr of a FAIL trial: INFRASTRUCTURE when only the cluster failed it (a lost node or worker,
+# with its retries used up; the lost trial pool). `peft-search resume` runs such a trial again (search/resume.py);
+# one that failed on its own merits (divergence, out of memory, a bad setting) has no such attr and stays FAIL.
+FAILED_ON_KEY = "failed_on"
+INFRASTRUCTURE = "infrastructure"
+INFRASTRUCTURE_RERUNS_ATTR = "infrastructure_reruns"   # user attr: times resume ran the trial again after one
