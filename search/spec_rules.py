@@ -138,6 +138,10 @@ def cross_problems(parts: Dict[str, Any]) -> List[str]:
                         f"{len(parts['objective'].metrics)} objectives set refine_every: 0, got {search.refine_every}")
     if search and (search.pack == "auto" or search.pack > 1):
         problems += _pack_problems(search, peft, space, model, resources)
+    if peft and model and peft.method == "prefix-tuning" and model.gradient_checkpointing:
+        problems.append("model.gradient_checkpointing: prefix tuning cannot train with it (PEFT refuses: the "
+                        "prefix's key/value states would be recomputed without their gradients); leave it unset "
+                        "or false, got true")
     if search and resources and resources.memory_budget_gb is not None and search.pack != "auto":
         problems.append(f"resources.memory_budget_gb: only search.pack: auto plans with a memory budget; "
                         f"remove it or set pack: auto, got pack={search.pack}")
@@ -166,6 +170,12 @@ def _pack_problems(search, peft, space, model, resources) -> List[str]:
                         "set model.compile: false")
     if peft and (peft.params.get("use_dora") or (space is not None and "use_dora" in space)):
         problems.append(f"{where}: not with use_dora (it renormalises each trial's whole weight)")
+    deepspeed = resources.deepspeed if resources else None
+    offloaded = [f"{key}={getattr(deepspeed, key)}" for key in ("offload_optimizer", "offload_param")
+                 if deepspeed and deepspeed.enabled and getattr(deepspeed, key) != "none"]
+    if offloaded:
+        problems.append(f"{where} with the plain engine (one optimizer per trial, no DeepSpeed), so nothing would "
+                        f"be offloaded; remove the offload or the packing, got {', '.join(offloaded)}")
     return problems
 
 
@@ -277,8 +287,12 @@ def build_trial_settings(spec, values: Mapping[str, Any]):
     training_names = [f.name for f in fields(TrainingSettings)]
     training = {name: values[name] for name in training_names if name in values}
     training["monitor"], training["monitor_mode"] = plateau_monitor(spec.objective)
+    model = ModelSettings(**{f.name: getattr(spec.model, f.name) for f in fields(ModelSettings)})
+    if spec.peft.method == "prefix-tuning" and model.gradient_checkpointing is None:
+        # unset means on for a quantized base, which prefix tuning cannot train with
+        model = replace(model, gradient_checkpointing=False)
     return TrialSettings(
-        model=ModelSettings(**{f.name: getattr(spec.model, f.name) for f in fields(ModelSettings)}),
+        model=model,
         data=DataSettings(train=spec.data.train, eval=spec.data.eval, text_field=spec.data.text_field,
                           label_field=spec.data.label_field, max_length=int(values["max_length"]),
                           eval_fraction=spec.data.eval_fraction, split_seed=spec.search.seed),

@@ -187,10 +187,17 @@ def _keep_4bit_layout(model) -> None:
 
 
 def _zero3_init_scope(zero3_config: dict):
-    """An HfDeepSpeedConfig: while it lives, from_pretrained loads under deepspeed.zero.Init (partitioned)."""
+    """An HfDeepSpeedConfig: while it lives, from_pretrained loads under deepspeed.zero.Init (partitioned).
+
+    DeepSpeed's own communication layer is set up on the trial's torch.distributed group first: zero.Init reads
+    the world size from it, and before the first engine of a process has started it would count one rank (and
+    refuse the batch size the config gives for all of them)."""
+    import torch.distributed as dist
+
     from trainers.engine import import_deepspeed
 
-    import_deepspeed()
+    deepspeed = import_deepspeed()
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
     from transformers.integrations import HfDeepSpeedConfig
 
     return HfDeepSpeedConfig(zero3_config)

@@ -67,3 +67,13 @@ def test_trial_settings_carry_offload_and_the_file(tiny_world, tmp_path):
     settings = load_spec(path).trial_settings({})
     assert (settings.engine.zero_stage, settings.engine.offload_param, settings.engine.offload_optimizer) == (3, "cpu", "cpu")
     assert settings.engine.user_config == config and settings.training.optimizer == "paged_adamw_8bit"
+
+
+@pytest.mark.parametrize("method, expected", [("prefix-tuning", False), ("lora", None)])
+def test_unset_gradient_checkpointing_is_off_for_prefix_tuning(tiny_world, tmp_path, method, expected):
+    """Unset means on for a quantized base, except for prefix tuning, which PEFT refuses to train with it."""
+    overrides = {"model.quantization": "nf4", "peft.method": method}
+    if method == "prefix-tuning":
+        overrides.update({"peft.target_modules": DELETE, "space": {"num_virtual_tokens": [2, 4]}})
+    spec = load_spec(write_spec(tmp_path, merged(base_spec(tiny_world), overrides)), check_model=False)
+    assert spec.trial_settings({}).model.gradient_checkpointing is expected
