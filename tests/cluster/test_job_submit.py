@@ -1,5 +1,5 @@
 """`ray job submit --working-dir . -- peft-search run examples/smoke.yaml` against a real Ray cluster started
-with `ray start --head` on this machine (README: "On a Ray cluster"), with five trials instead of the smoke spec's
+with `ray start --head` on this machine (docs/cluster.md), with five trials instead of the smoke spec's
 two so that `ray job stop` lands in the search's middle: a smoke trial takes ~5 s, `ray job stop` 6 s here, and
 once in CI long enough for the second of two trials to end first.
 

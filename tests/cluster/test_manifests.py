@@ -1,4 +1,4 @@
-"""The cluster manifests in cluster/ use the field names Ray and KubeRay read, and say what the README claims.
+"""The cluster manifests in cluster/ use the field names Ray and KubeRay read, and say what docs/cluster.md claims.
 
 The `ray up` file is checked with Ray's own schema validator; the KubeRay manifests against the field names of
 KubeRay's v1 API (ray-operator/apis/ray/v1/rayjob_types.go and raycluster_types.go), listed here, since an unknown

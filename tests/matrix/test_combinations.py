@@ -7,7 +7,8 @@ would be; an accepted one trains two optimizer steps and evaluates on tiny model
 the search would give its trial. The trained ones share worker groups (of one rank or two) that run
 combination after combination, as the search's worker groups run trial after trial.
 
-verdicts.txt holds the verdict of every combination ("trains" or "refused: <first reason>"). A change of
+verdicts.txt holds the verdict of every combination ("trains" or "refused: <first reason>") with the versions
+in constraints.txt (some refusals depend on the installed transformers and PEFT). A change of
 verdict fails the test with the difference; `PEFT_SEARCH_WRITE_VERDICTS=1 pytest tests/matrix` rewrites
 the file after a deliberate change.
 """
