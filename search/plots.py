@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from html import escape
 from typing import List, Optional, Sequence, Tuple
 
+from search.results import is_number
+
 WIDTH, HEIGHT = 560, 300
 LEFT, RIGHT, TOP, BOTTOM = 72, 16, 30, 52
 LEGEND_WIDTH = 120  # kept right of the plot area, so the legend never hides a point
@@ -28,10 +30,6 @@ class Series:
     line: bool = False                        # join the points in x order
     emphasis: bool = False                    # larger markers: e.g. the Pareto front
     color: Optional[str] = None               # default: the palette, in series order
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def tick_label(value: float) -> str:
@@ -59,7 +57,7 @@ class Scale:
 
     @classmethod
     def fit(cls, values: Sequence[object], low_px: float, high_px: float, log_base: Optional[int] = None) -> "Scale":
-        if any(not _is_number(v) for v in values):
+        if any(not is_number(v) for v in values):
             categories = list(dict.fromkeys(str(v) for v in values))
             return cls(low_px, high_px, categories=categories, lo=-0.5, hi=len(categories) - 0.5)
         numbers = [float(v) for v in values] or [0.0, 1.0]
@@ -155,17 +153,17 @@ def bar_chart(labels: Sequence[str], values: Sequence[float], title: str, value_
     height = TOP + row * len(labels) + 40
     longest = max((len(str(label)) for label in labels), default=4)
     left = min(220, 12 + 7 * longest)
-    top_value = max([v for v in values if _is_number(v)] + [1e-12])
+    top_value = max([v for v in values if is_number(v)] + [1e-12])
     scale = (WIDTH - RIGHT - left - 48) / top_value
     body = []
     for i, (label, value) in enumerate(zip(labels, values)):
         y = TOP + i * row
-        width = max(0.0, float(value)) * scale if _is_number(value) else 0.0
+        width = max(0.0, float(value)) * scale if is_number(value) else 0.0
         body.append(f'<text x="{left - 6}" y="{y + 15}" text-anchor="end" class="tick">{escape(str(label))}</text>'
                     f'<rect x="{left}" y="{y + 3}" width="{width:.1f}" height="{row - 6}" fill="{PALETTE[0]}">'
-                    f'<title>{escape(str(label))}: {escape(tick_label(float(value)) if _is_number(value) else "")}'
+                    f'<title>{escape(str(label))}: {escape(tick_label(float(value)) if is_number(value) else "")}'
                     f'</title></rect><text x="{left + width + 4:.1f}" y="{y + 15}" class="tick">'
-                    f'{escape(tick_label(float(value)) if _is_number(value) else "n/a")}</text>')
+                    f'{escape(tick_label(float(value)) if is_number(value) else "n/a")}</text>')
     body.append(f'<text x="{(left + WIDTH - RIGHT) / 2}" y="{height - 10}" text-anchor="middle" '
                 f'class="axis-label">{escape(value_label)}</text>')
     return _frame(title, body, f"{title}: {value_label}", height=height)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import math
+import numbers
 import os
 import statistics
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -95,7 +96,8 @@ def _cell(value):
 
 
 def is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite number (numpy's included), not a bool: the one test of whether a value can be computed with."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
 
 
 def best_row(rows: List[Dict[str, object]], metric: str, mode: str) -> Optional[Dict[str, object]]:

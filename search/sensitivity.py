@@ -14,12 +14,12 @@ Two views, computed from the stored trials only (no extra training):
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from search.results import is_number
 from search.sensitivity_importance import Importances, importances  # noqa: F401 (re-exported)
 
 MAX_BINS = 4
@@ -69,23 +69,18 @@ def _span(low, high) -> str:
     return fmt(low) if low == high else f"{fmt(low)}–{fmt(high)}"
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
-        and math.isfinite(float(value))
-
-
 def _column(param: str) -> str:
     return param if param.startswith("param_") else f"param_{param}"
 
 
 def _complete(rows: Sequence[Dict[str, object]], metric: str) -> List[Dict[str, object]]:
-    return [r for r in rows if r.get("state") == "COMPLETE" and _is_number(r.get(metric))]
+    return [r for r in rows if r.get("state") == "COMPLETE" and is_number(r.get(metric))]
 
 
 def _binning(xs: List[object]) -> Tuple[List[Tuple[object, object, bool]], np.ndarray]:
     """Bins [(low, high, is_single_value)] in ascending order, and each value's bin index."""
-    distinct = sorted(set(xs), key=lambda v: (not _is_number(v), v if _is_number(v) else str(v)))
-    if not all(_is_number(x) for x in xs) or len(distinct) <= MAX_DISCRETE:
+    distinct = sorted(set(xs), key=lambda v: (not is_number(v), v if is_number(v) else str(v)))
+    if not all(is_number(x) for x in xs) or len(distinct) <= MAX_DISCRETE:
         where = {repr(v): i for i, v in enumerate(distinct)}
         return [(v, v, True) for v in distinct], np.array([where[repr(x)] for x in xs], dtype=int)
     x = np.array(xs, dtype=float)
@@ -167,7 +162,7 @@ def marginal_effects(rows: Sequence[Dict[str, object]], param: str, metric: str,
 def points_scale(rows: Sequence[Dict[str, object]], metric: str) -> float:
     """100 for a [0, 1]-bounded score (accuracy, f1, ...), so impacts read in points; else 1."""
     name = metric.lower()
-    values = [float(r[metric]) for r in rows if r.get("state") == "COMPLETE" and _is_number(r.get(metric))]
+    values = [float(r[metric]) for r in rows if r.get("state") == "COMPLETE" and is_number(r.get(metric))]
     bounded = any(key in name for key in BOUNDED_NAMES if key != "acc") or "acc" in name.split("_")
     return 100.0 if bounded and values and all(0.0 <= v <= 1.0 for v in values) else 1.0
 
@@ -212,7 +207,7 @@ def sensitivity_row(rows: Sequence[Dict[str, object]], param: str, metric: str, 
     else:
         ci = (impact, impact)
     values = [b.low for b in bins] + [b.high for b in bins]
-    categorical = not all(_is_number(v) for v in values)
+    categorical = not all(is_number(v) for v in values)
     if categorical or all(b.low == b.high for b in bins):
         tested = ", ".join(b.label for b in bins)
     else:

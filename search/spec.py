@@ -11,11 +11,11 @@ against files and the model in search/spec_checks.py.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Mapping
 
 from search.spec_fields import SpecError, show, unknown_key
+from search.storage import is_secret_key
 from search.spec_params import PeftSection, display_name, fixed_values, merge_values
 from search.spec_sections import (DataSection, ModelSection, ObjectiveSection, ResourcesSection, SearchSection,
                                   TrackingSection, TrainingSection, redact_url)
@@ -27,8 +27,6 @@ __all__ = ["SearchSpec", "SpecError", "load_spec", "parse_spec"]
 
 TOP_LEVEL_KEYS = ("name", "model", "data", "peft", "space", "training", "objective", "search",
                   "resources", "storage", "tracking")
-# keys whose string values are secrets (api_key, password, hf_token, ...), wherever they appear
-_SECRET_KEY = re.compile(r"(^|_)(key|password|passwd|token|secret)$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -137,7 +135,7 @@ def _redact(value: Any, key: str = "") -> Any:
     if isinstance(value, list):
         return [_redact(v, key) for v in value]
     if isinstance(value, str):
-        if _SECRET_KEY.search(key):
+        if is_secret_key(key):
             return "***"
         return redact_url(value)
     return value

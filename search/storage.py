@@ -18,6 +18,14 @@ STORAGE_ENV = "PEFT_SEARCH_STORAGE"
 CONNECT_TIMEOUT_S = 10
 CREATE_ATTEMPTS = 4   # opens of a new storage that another process is creating at the same moment (_created_meanwhile)
 REDACTED = "***"
+# A key whose value is a secret wherever it appears (tracking.api_key, hf_token, a password): by its last word,
+# so that num_virtual_tokens or a monkey_patch setting is not one.
+_SECRET_KEY = re.compile(r"(^|[_-])(api[_-]?key|key|password|passwd|pwd|token|secret|credentials?|auth)$",
+                         re.IGNORECASE)
+
+
+def is_secret_key(name: str) -> bool:
+    return bool(_SECRET_KEY.search(name))
 INSTALL_HINT = "pip install 'peft-search[postgres]'"   # psycopg2, SQLAlchemy's driver for postgresql:// URLs
 
 # Network filesystem types (/proc/mounts) whose byte-range locks SQLite cannot trust between writers (the SQLite

@@ -37,6 +37,7 @@ import re
 from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol
 
 from search.results import SYSTEM_COLUMNS
+from search.storage import is_secret_key
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,6 @@ STATES = ("COMPLETE", "PRUNED", "FAIL")
 # Keys of per-round metrics that describe the trial as a whole: copied into the run summary.
 SYSTEM_KEYS = (*SYSTEM_COLUMNS, "trainable_params")
 
-_SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential|auth)", re.IGNORECASE)
 
 
 # --------------------------------------------------------------------------- protocol + registry
@@ -166,7 +166,7 @@ def scrub_secrets(params: Any, secrets: tuple = ()) -> Any:
     if isinstance(params, Mapping):
         out = {}
         for key, value in params.items():
-            if _SECRET_KEY.search(str(key)):
+            if is_secret_key(str(key)):
                 continue
             if str(key) == "tracking":   # the tracking section holds the api key: never config
                 continue

@@ -367,3 +367,9 @@ def test_wandb_sync_without_offline_runs_exits_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "search", "wandb-sync", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "holds no W&B offline runs" in proc.stderr
+
+
+def test_a_searched_setting_that_only_mentions_a_token_reaches_the_config():
+    params = {"num_virtual_tokens": 20, "max_tokens": 8, "hf_token": "x", "api-key": "y", "apikey": "z",
+              "aws_credentials": "w", "auth": "v"}
+    assert tr.scrub_secrets(params) == {"num_virtual_tokens": 20, "max_tokens": 8}
