@@ -3,7 +3,7 @@
 Why the logical CPU count is above the core count: a Tune trial that launches a Ray Train worker
 group holds its own slot while the group's workers ask for theirs, and a finished trial's group
 releases its CPU a moment after the next trial asks. With exactly as many logical CPUs as cores
-the next group waits forever (seen with `ray.init(num_cpus=2)` on 2 cores). Threads are set per
+the next group waits forever. Threads are set per
 worker instead, so the cores are not oversubscribed.
 """
 from __future__ import annotations
@@ -23,8 +23,8 @@ WORKER_ENV = {
 }
 
 
-# Only on the embedded one-machine Ray: Ray Train's preemption watcher (a process per worker group, 2 s of CPU to
-# start here) watches for spot nodes being taken away, which a laptop's Ray has none of.
+# Only on the embedded one-machine Ray: Ray Train's preemption watcher (a process per worker group) watches for
+# spot nodes being taken away, which a laptop's Ray has none of.
 EMBEDDED_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
@@ -60,7 +60,7 @@ def connect(address: Optional[str], concurrency: int, cpus_per_trial: float) -> 
     # The workers' variables are inherited (the raylet starts with them and its workers with the raylet's),
     # not given as the job's runtime_env: a job with a runtime env cannot use the workers the raylet starts
     # ahead, so every actor of a search (trial functions, pool, Ray Train's controller and helpers, the worker
-    # groups) paid a process start, ~1.1 s against ~0.4 s here.
+    # groups) paid a process start of its own.
     inherited = {**WORKER_ENV, **EMBEDDED_ENV, "RAY_ADDRESS": f"127.0.0.1:{gcs_port}",
                  "RAY_GCS_SERVER_PORT": str(gcs_port)}
     with cluster_environment(inherited):

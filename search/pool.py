@@ -1,8 +1,8 @@
 """Persistent trial workers: Ray Train worker groups that outlive trials and keep the base model loaded.
 
-A Ray Train worker group started per trial costs tens of seconds on a small machine (shared/anchors/
-naive_tune.py here: 35 s a trial, 0.3 s of it training): processes, the torch.distributed group, imports,
-the base model read from disk. Here a search starts at most `concurrency` groups, each one TorchTrainer
+A Ray Train worker group started per trial costs far more than a short trial's training on a small machine
+(benchmarks/trial_overhead.py measures it against shared/anchors/naive_tune.py): processes, the
+torch.distributed group, imports, the base model read from disk. Here a search starts at most `concurrency` groups, each one TorchTrainer
 whose workers loop over trials (`serve_trials`): every trial gets a fresh adapter, optimizer, schedule and
 data on the base its group loaded once (trainers/recipe.run_trial's lent base).
 
@@ -146,7 +146,7 @@ class TrialPool:
     def close(self, timeout: float) -> bool:
         """The search is over: every group's loop returns at its next `take` (no worker dies in it with a
         traceback when the pool is killed). True when all have left or ended within `timeout` seconds; the
-        groups' Ray Train runs are not waited for (their shutdown cost a search ~1.5 s, and nothing reads them)."""
+        groups' Ray Train runs are not waited for (nothing reads them, and their shutdown is slow)."""
         with self.lock:
             threads = dict(self.threads)
         for _ in threads:
@@ -206,7 +206,7 @@ class TrialPool:
 
 def _start_autoscaling_coordinator() -> None:
     """Start the actor that Ray Train's controller asks for resources (and waits on) before it places its
-    workers, now, while the controller's own process starts: ~2.5 s off a group's start on 2 cores. This is
+    workers, now, while the controller's own process starts, so a group starts sooner. This is
     Ray's internal API: where a Ray version lacks it, the controller starts the actor itself, as before."""
     try:
         from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
@@ -477,8 +477,7 @@ def _freeze_what_lives_on(settings) -> None:
     """Move every object alive now (the libraries, the base) out of the cycle collector's sight.
 
     Each trial ends with gc.collect() to free its engine at once, and a full collection walks every tracked
-    object: with torch, transformers, PEFT and DeepSpeed loaded that took 1.5 s per trial on 2 cores (most of
-    a short trial's overhead). Frozen, they are skipped; a collection then walks only what trials made.
+    object: with torch, transformers, PEFT and DeepSpeed loaded, that is most of a short trial's overhead. Frozen, they are skipped; a collection then walks only what trials made.
     The trial-time libraries are imported first so that their objects are frozen too."""
     import peft  # noqa: F401
 

@@ -2,7 +2,7 @@
 tally (done / running / pruned / failed, best so far, elapsed and estimated time left) at least every
 `HEARTBEAT_S` seconds while trials run, so a long trial never looks like a hang. Also the driver's other
 Tune callback, CancelEndedTrials (kept here, out of search/pool.py: the pool's process then starts without
-importing Ray Tune, ~1.3 s off the first worker group's start)."""
+importing Ray Tune, and the first worker group starts sooner)."""
 from __future__ import annotations
 
 import time

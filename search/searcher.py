@@ -59,7 +59,7 @@ SAMPLERS: Dict[str, Callable[[int], optuna.samplers.BaseSampler]] = {
 
 class TuneGridSampler(optuna.samplers.GridSampler):
     """Optuna's grid sampler, less its stop: once the grid is used up it calls Study.stop, which raises outside
-    Study.optimize (seen here: the last trials of a full grid, told by the searcher, crashed the driver).
+    Study.optimize (the last trials of a full grid, told by the searcher, crashed the driver).
     Tune's num_samples ends the search instead."""
 
     def after_trial(self, study, trial, state, values) -> None:
@@ -91,7 +91,7 @@ class RefinedSampler(optuna.samplers.BaseSampler):
       region. TPE draws fresh candidates on each call, so this samples TPE's proposal conditioned on
       the region, its model built from all trials. After MAX_REDRAWS misses (TPE's model disagrees with
       the region, e.g. on a setting it finds irrelevant), the settings still outside are drawn uniformly
-      inside it. Each redraw reads the trials from storage (~40 ms on SQLite), hence the small cap.
+      inside it. Each redraw reads the trials from storage, hence the small cap.
     """
 
     MAX_REDRAWS = 16

@@ -41,10 +41,10 @@ class ModelSection(Section):
     name_or_path: str = rule()
     task: str = rule("sequence-classification", choices=TASKS)
     quantization: str = rule("none", choices=QUANTIZATIONS)
-    # added: auto = bf16 on GPUs that have it, fp16 on older GPUs (with loss scaling), fp32 on CPU; also the
+    # auto = bf16 on GPUs that have it, fp16 on older GPUs (with loss scaling), fp32 on CPU; also the
     # DeepSpeed precision
     dtype: str = rule("auto", choices=DTYPES)
-    # added: speed options (trainers/kernels.py, measured in benchmarks/gpu_throughput.py)
+    # speed options (trainers/kernels.py, measured in benchmarks/gpu_throughput.py)
     attn_implementation: Optional[str] = rule(None, nullable=True, choices=ATTN_IMPLEMENTATIONS)
     liger_kernel: bool = rule(False, "bool")     # Liger Triton kernels; CUDA and liger-kernel needed
     autocast: Optional[bool] = rule(None, "bool", nullable=True)   # torch.autocast forward; null: on for nf4/int8
@@ -60,7 +60,7 @@ class DataSection(Section):
     text_field: str = rule("text")
     label_field: Optional[str] = rule(None, nullable=True)    # required for sequence-classification
     max_length: int = rule(TRAINING_PARAMS["max_length"].default, param=TRAINING_PARAMS["max_length"])
-    # added: share of train held out for eval when `eval` is not given (a seeded, fixed split)
+    # share of train held out for eval when `eval` is not given (a seeded, fixed split)
     eval_fraction: float = rule(0.2, "float", low=0, low_open=True, high=1, high_open=True)
 
     def extra_problems(self) -> List[str]:
@@ -84,13 +84,13 @@ class TrainingSection(Section):
     warmup_ratio: float = _training_rule("warmup_ratio")
     weight_decay: float = _training_rule("weight_decay")
     max_grad_norm: float = _training_rule("max_grad_norm")   # added
-    max_steps: Optional[int] = _training_rule("max_steps")   # added: cap on optimizer steps (smoke runs)
-    # added: plateau stopping. A trial stops after this many eval rounds in a row in which the objective's
+    max_steps: Optional[int] = _training_rule("max_steps")   # cap on optimizer steps (smoke runs)
+    # plateau stopping. A trial stops after this many eval rounds in a row in which the objective's
     # eval metric (eval_loss if the objective has none) did not improve by more than the min delta; it
     # counts as finished (COMPLETE) with its last round's adapter and metrics. null: never stops early.
     early_stopping_patience: Optional[int] = rule(None, "int", low=1, nullable=True)
-    early_stopping_min_delta: float = rule(0.0, "float", low=0)   # added: smaller gains count as no gain
-    # added: adamw (torch) | paged_adamw_8bit (bitsandbytes, CUDA GPUs only: 8-bit state, a quarter of
+    early_stopping_min_delta: float = rule(0.0, "float", low=0)   # smaller gains count as no gain
+    # adamw (torch) | paged_adamw_8bit (bitsandbytes, CUDA GPUs only: 8-bit state, a quarter of
     # AdamW's, paged to CPU memory when the GPU runs short; QLoRA's optimizer)
     optimizer: str = rule("adamw", choices=OPTIMIZERS)
 
@@ -136,32 +136,32 @@ class SearchSection(Section):
     trials: int = rule(20, "int", low=1)
     concurrency: int = rule(1, "int", low=1)
     scheduler: str = rule("asha", choices=SCHEDULERS)
-    seed: int = rule(0, "int", low=0)               # added: sampler, data split and trial seeds
-    # added: eval rounds per epoch; one round = one report = ASHA's time unit
+    seed: int = rule(0, "int", low=0)               # sampler, data split and trial seeds
+    # eval rounds per epoch; one round = one report = ASHA's time unit
     evals_per_epoch: int = rule(1, "int", low=1)
-    grace_rounds: int = rule(1, "int", low=1)       # added: rounds before ASHA may stop a trial
-    reduction_factor: int = rule(3, "int", low=2)   # added: ASHA keeps 1/reduction_factor per rung
-    # added: times a trial is retried, from its last round's checkpoint, when a worker process dies
+    grace_rounds: int = rule(1, "int", low=1)       # rounds before ASHA may stop a trial
+    reduction_factor: int = rule(3, "int", low=2)   # ASHA keeps 1/reduction_factor per rung
+    # times a trial is retried, from its last round's checkpoint, when a worker process dies
     # (killed, node lost); a failure that would repeat (divergence, out of memory) is never retried
     max_failures: int = rule(2, "int", low=0)
-    # added: trials each worker group trains at once on its one base (packed LoRA, trainers/packed.py): each
+    # trials each worker group trains at once on its one base (packed LoRA, trainers/packed.py): each
     # keeps its own rows, adapter, optimizer and reports; up to concurrency * pack trials run at a time.
     # auto: a short probe calibrates a cost model (trainers/cost_model.py) and picks the largest K that fits
     # the memory budget and still adds >= 5% tokens/s, at most pack_max (search/packing.py)
     pack: Union[int, str] = rule(1, "int", low=1, words=("auto",))
-    # added: the largest K that pack: auto may choose (also capped by trials / concurrency); concurrency * K
+    # the largest K that pack: auto may choose (also capped by trials / concurrency); concurrency * K
     # trials run at once, each sampled without the results of the others, so a small search may want less
     pack_max: int = rule(16, "int", low=1)
-    # added: pack: auto adds a member only while it adds at least this share of predicted tokens/s;
+    # pack: auto adds a member only while it adds at least this share of predicted tokens/s;
     # 0: as many as fit the memory budget (up to pack_max)
     pack_min_gain: float = rule(0.05, "float", low=0, high=1)
-    # added: refine the space every this many finished trials (0: off; the first time once 10 trials are
+    # refine the space every this many finished trials (0: off; the first time once 10 trials are
     # complete): fix settings that do not matter, narrow those that do (search/refine.py)
     refine_every: int = rule(0, "int", low=0)
-    # added: a LOW-rated setting is fixed only when every importance (fANOVA, PED-ANOVA; they sum to 1)
+    # a LOW-rated setting is fixed only when every importance (fANOVA, PED-ANOVA; they sum to 1)
     # is below this; higher fixes more, sooner
     refine_min_importance: float = rule(0.1, "float", low=0, high=1)
-    # added: a narrowed range keeps at least this share of the original (log scale for log ranges);
+    # a narrowed range keeps at least this share of the original (log scale for log ranges);
     # lower narrows harder and risks cutting off the optimum
     refine_min_width: float = rule(0.25, "float", low=0, low_open=True, high=1)
 
@@ -180,13 +180,13 @@ class SearchSection(Section):
 @dataclass(frozen=True)
 class DeepSpeedSection(Section):
     PATH = "resources.deepspeed"
-    enabled: bool = rule(True, "bool")              # added: `deepspeed: false` turns it off
+    enabled: bool = rule(True, "bool")              # `deepspeed: false` turns it off
     zero_stage: int = rule(2, "int", low=0, high=3)  # 2: sharded optimizer state and gradients; 3: weights too
-    # added: optimizer state and step in CPU memory: a larger model fits the GPU, each step is slower
+    # optimizer state and step in CPU memory: a larger model fits the GPU, each step is slower
     offload_optimizer: str = rule("none", choices=OFFLOAD_DEVICES)
-    # added: weights in CPU memory between uses (stage 3 only): larger still, slower still
+    # weights in CPU memory between uses (stage 3 only): larger still, slower still
     offload_param: str = rule("none", choices=OFFLOAD_DEVICES)
-    # added: a DeepSpeed JSON file of your own, merged under the generated config (trainers/deepspeed_config.py)
+    # a DeepSpeed JSON file of your own, merged under the generated config (trainers/deepspeed_config.py)
     config: Optional[str] = rule(None, nullable=True)
 
     def extra_problems(self) -> List[str]:
@@ -212,13 +212,13 @@ class ResourcesSection(Section):
     workers_per_trial: int = rule(1, "int", low=1)
     gpus_per_worker: float = rule(0.0, "float", low=0)   # fractions share a GPU between trials
     cpus_per_worker: float = rule(1.0, "float", low=0, low_open=True)  # logical CPUs Ray reserves per worker
-    # added: past this resident memory a worker's trial fails "out of memory" (trainers/memory_guard.py)
+    # past this resident memory a worker's trial fails "out of memory" (trainers/memory_guard.py)
     memory_per_worker_gb: Optional[float] = rule(None, "float", nullable=True, low=0, low_open=True)
-    # added: GiB one worker group's pack may plan to use (search.pack: auto): device memory on a GPU, host
+    # GiB one worker group's pack may plan to use (search.pack: auto): device memory on a GPU, host
     # memory on CPU. null: measured free memory x this group's share x 0.85 (trainers/pack_probe.py)
     memory_budget_gb: Optional[float] = rule(None, "float", low=0, low_open=True, nullable=True)
     deepspeed: DeepSpeedSection = rule(type="section", section=DeepSpeedSection)
-    # added: s3://BUCKET/PREFIX (or a directory every node sees) that receives Ray's state, every trial's
+    # s3://BUCKET/PREFIX (or a directory every node sees) that receives Ray's state, every trial's
     # directory and the outputs under <storage_path>/<name>/, so a cluster needs no shared filesystem
     # (search/remote_storage.py); null: the run directory only
     storage_path: Optional[str] = rule(None, nullable=True)
@@ -243,7 +243,7 @@ class ResourcesSection(Section):
 class TrackingSection(Section):
     PATH = "tracking"
     wandb: str = rule("offline", choices=WANDB_MODES)
-    project: Optional[str] = rule(None, nullable=True)    # added: W&B project (default: the spec's name)
+    project: Optional[str] = rule(None, nullable=True)    # W&B project (default: the spec's name)
     entity: Optional[str] = rule(None, nullable=True)     # added
     # added, discouraged: prefer the WANDB_API_KEY environment variable; redacted in spec.yaml
     api_key: Optional[str] = rule(None, nullable=True, repr=False)

@@ -106,7 +106,7 @@ def _created_meanwhile(exc: BaseException) -> bool:
 def _write_ahead_log(engine) -> None:
     """SQLite in WAL mode with synchronous=NORMAL: a commit appends to the log instead of waiting for the whole
     database to reach the disk. Optuna commits every attribute, report and state on its own (some 30 commits a
-    trial); here its bookkeeping per trial fell from 0.5 s to 0.15 s. A killed driver still loses no committed
+    trial), and each waited for the disk. A killed driver still loses no committed
     trial (the log is read back on the next open); only a power cut may undo the last commits. Readers
     (`peft-search report` during a search) no longer wait for the writer either."""
     from sqlalchemy import event

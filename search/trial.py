@@ -68,7 +68,7 @@ def tune_trial(config: Dict[str, Any], spec, run_dir: str, threads_per_worker: i
         if not (lost and attempt_left):
             reason = reason if attempt == 0 else f"{reason} (after {attempt} retries)"
             # Reported, not raised: the searcher records a trial whose last report has a reason as FAIL, and
-            # Tune keeps this function's actor for the next trial (a raise made it start another: 5 s here)
+            # Tune keeps this function's actor for the next trial (a raise made it start another process)
             tune.report({FAIL_REASON_KEY: reason, RETRIES_KEY: attempt,
                          **({FAILED_ON_KEY: INFRASTRUCTURE} if lost else {})})
             return

@@ -1,4 +1,4 @@
-"""What a pack of K LoRA trials costs per step: peak memory and step time (issue 7, item 4).
+"""What a pack of K LoRA trials costs per step: peak memory and step time.
 
 The analytic part knows the shapes: the frozen base's weights (by quantization), each member's adapter
 with its gradient and AdamW state, the logits each member's loss keeps, and the FLOPs of a forward and

@@ -80,6 +80,6 @@ def host_memory_cap(limit_mb: Optional[float]) -> Iterator[None]:
         # a breach the block outran (it ended first) is not raised later in unrelated code...
         ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(target), None)
     # ...but here: the block went over the cap, even if every exception the watcher raised was swallowed
-    # or came too late (seen in CI, twice, on a loaded machine: a short trial under a 51 MiB cap completed)
+    # or came too late (on a loaded machine a short trial under a small cap could otherwise complete)
     if breaches:
         raise breaches[-1]()

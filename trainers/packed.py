@@ -1,4 +1,4 @@
-"""Packed trials: several LoRA trials trained together on one frozen base, in one process (issue 7, item 2).
+"""Packed trials: several LoRA trials trained together on one frozen base, in one process.
 
 Each member of a pack is one trial (a TrialSettings with its own rank, alpha, dropout, learning rate, batch
 size and seed). Per optimizer step the pack concatenates one micro-batch of every member (its own rows, in

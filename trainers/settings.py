@@ -35,8 +35,8 @@ class ModelSettings:
                                       # None: on for nf4/int8 in bf16/fp16 (QLoRA's recipe), off otherwise
     gradient_checkpointing: Optional[bool] = None  # None: on for nf4/int8 (the QLoRA recipe), off otherwise;
                                       # on saves most activation memory for ~30% more compute
-    compile: bool = False             # torch.compile each transformer block; the first steps compile. On an H100:
-                                      # 8B bf16 LoRA MFU 0.48 -> 0.51; with nf4 slower and +18 GiB (bitsandbytes)
+    compile: bool = False             # torch.compile each transformer block; the first steps compile. Helps bf16
+                                      # LoRA on a GPU; with nf4 slower and more memory (bitsandbytes' layers)
 
 
 @dataclass(frozen=True)
