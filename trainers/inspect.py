@@ -71,7 +71,14 @@ def load_config(name_or_path: str):
     if name_or_path not in MODEL_ALIASES and looks_like_local_path(name_or_path) \
             and not os.path.isdir(os.path.expanduser(name_or_path)):
         raise ModelReferenceError(f"{name_or_path!r} is not an existing directory")
-    reference = resolve_model_path(name_or_path)
+    try:
+        reference = resolve_model_path(name_or_path)
+    except ImportError as exc:   # an alias whose package is missing: the message says what to install
+        raise ModelReferenceError(f"{name_or_path!r}: {exc}") from exc
+    except Exception as exc:     # an alias converted on its first resolve (GGUF) can fail in many ways
+        if name_or_path not in MODEL_ALIASES:
+            raise
+        raise ModelReferenceError(f"{name_or_path!r}: cannot prepare the alias ({type(exc).__name__}: {exc})") from exc
     if os.path.isdir(reference):
         if not os.path.isfile(os.path.join(reference, "config.json")):
             raise ModelReferenceError(

@@ -58,6 +58,12 @@ class LocalCluster:
             self.workers.remove(node)
         if node is self.head:
             self.head = None
+            # Starting the head made its GCS client this process's internal KV client (Ray's global). The next
+            # library call that reads it (Ray Tune's searcher, in a later test) would wait for the dead GCS and
+            # then end this test process (exit 1, after 60 s): the client goes with its head.
+            import ray.experimental.internal_kv as internal_kv
+
+            internal_kv._internal_kv_reset()
 
     def shutdown(self) -> None:
         for node in list(self.workers):
