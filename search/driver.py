@@ -193,7 +193,7 @@ def _close_groups(pool) -> None:
     except ray.exceptions.GetTimeoutError:
         pass
     except ray.exceptions.RayActorError as exc:   # its trials were recorded as failed by the cluster already
-        log.warning(f"the trial pool was lost: {' '.join(str(exc).split())[:300]}")
+        log.warning(f"the trial pool was lost: {one_line(exc)}")
 
 
 def _tune_name(run_dir: str, remote: Optional[RemoteRun]) -> str:

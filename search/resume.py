@@ -94,8 +94,12 @@ def plan(study, total: int) -> ResumePlan:
 
 def infrastructure_failures(study) -> List[int]:
     """Numbers of the FAIL trials that only the cluster failed (search/trial.py marks them)."""
-    return sorted(trial.number for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-                  if trial.user_attrs.get(FAILED_ON_KEY) == INFRASTRUCTURE)
+    return sorted(trial.number for trial in _failed_by_cluster(study))
+
+
+def _failed_by_cluster(study) -> list:
+    return [trial for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+            if trial.user_attrs.get(FAILED_ON_KEY) == INFRASTRUCTURE]
 
 
 def rerun_infrastructure_failures(study) -> List[int]:
@@ -107,8 +111,7 @@ def rerun_infrastructure_failures(study) -> List[int]:
     (and any cache of its trials) must be loaded again afterwards."""
     import sqlalchemy
 
-    trials = [trial for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-              if trial.user_attrs.get(FAILED_ON_KEY) == INFRASTRUCTURE]
+    trials = _failed_by_cluster(study)
     if not trials:
         return []
     backend = getattr(study._storage, "_backend", study._storage)   # Optuna's cache wraps the RDBStorage

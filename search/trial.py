@@ -10,7 +10,7 @@ import os
 import re
 from typing import Any, Dict, Optional
 
-from search.remote_storage import RemoteRun, trial_parts
+from search.remote_storage import RemoteRun, one_line, trial_parts
 from search.trial_keys import FAIL_REASON_KEY, FAILED_ON_KEY, INFRASTRUCTURE, RETRIES_KEY, TRIAL_NUMBER_KEY
 
 TRIALS_SUBDIR = "trials"
@@ -92,7 +92,7 @@ def _run_attempt(pool, job: Dict[str, Any], report) -> Optional[str]:
         try:
             return ray.get(call)
         except (ray.exceptions.RayActorError, ray.exceptions.RaySystemError) as exc:
-            raise PoolLost(f"the trial pool was lost: {_one_line(exc)}") from None
+            raise PoolLost(f"the trial pool was lost: {one_line(exc)}") from None
 
     ask(pool.submit.remote(number, job))
     over = False
@@ -187,7 +187,3 @@ def failure_reason(exc: BaseException) -> str:
     if not worker_lost(reason) and lost_to_infrastructure(exc):
         reason = LOST_PREFIX + reason
     return reason
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:300] or type(exc).__name__
