@@ -3,7 +3,7 @@
 A tiny BERT classifier (2 layers, 64 wide) with LoRA, 2 optimizer steps in 2 eval rounds per trial (so
 ASHA can stop trials after their first round), 16 eval rows. One learning rate in the space diverges,
 so the search sees COMPLETE, PRUNED and FAIL trials alike. It runs through the product exactly as
-`peft-search run` does (`search.driver.run_search`, embedded Ray) in this process, so this process is
+`peft-search run` does (`search.run.driver.run_search`, embedded Ray) in this process, so this process is
 the driver: a background thread samples its RSS every time the count of finished trials in the Optuna
 storage goes up.
 
@@ -159,8 +159,8 @@ def slope_kib_per_trial(samples: List[Dict[str, float]], key: str = "rss_kib") -
 def check_accounting(run_dir: str, trials: int) -> Tuple[List[str], Dict[str, int]]:
     """Every trial in trials.csv and in the Optuna study, once, finished, numbered 0..N-1, states agreeing.
     Returns (problems, counts of each state in the study)."""
-    from search.results import load_study
-    from search.storage import open_storage
+    from search.store.results import load_study
+    from search.store.storage import open_storage
 
     problems = []
     with open(os.path.join(run_dir, "trials.csv"), newline="", encoding="utf-8") as handle:
@@ -233,9 +233,9 @@ def run_load_test(trials: int, concurrency: int, workdir: str, scheduler: str = 
     the figures so far are written there after every finished trial (`"complete": false`)."""
     import psutil
 
-    from search.driver import run_search
-    from search.spec import load_spec
-    from search.storage import SQLITE_FILE
+    from search.run.driver import run_search
+    from search.spec.search_spec import load_spec
+    from search.store.storage import SQLITE_FILE
 
     spec = load_spec(build_spec(workdir, trials, concurrency, scheduler, deepspeed))
     runs_dir = os.path.join(workdir, "runs")

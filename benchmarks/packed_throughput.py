@@ -1,9 +1,9 @@
-"""Packed trials' throughput: K LoRA trials in one forward/backward (trainers/packed.py) vs one after another.
+"""Packed trials' throughput: K LoRA trials in one forward/backward (trainers/packing/pack.py) vs one after another.
 
 A random-init LLaMA-shaped model (benchmarks/plain_peft_loop.SHAPES, the 1B shape by default) is saved and
 loaded once with trainers.model.load_base; K LoRA trials of mixed ranks (4..64, alpha 2r, no dropout, on
 q/k/v/o_proj) each train at batch 1 on rows of exactly `--seq` tokens (no padding), in three arms:
-  packed      trainers.packed.Pack: one step = one batch-1 micro-batch of every member in one forward and
+  packed      trainers.packing.pack.Pack: one step = one batch-1 micro-batch of every member in one forward and
               backward, then each member's own AdamW step, schedule, clipping and loss check
   solo        the same K trials one after another through the recipe on the lent base (setup -> train ->
               cleanup, PlainEngine), as a worker runs them without packing
@@ -62,7 +62,7 @@ def trial_settings(path: str, data: Dict[str, str], options: Dict[str, Any], ind
 
 
 def packed_arm(base, trials: List[Any], args, device, timing: Callable) -> Dict[str, Any]:
-    from trainers.packed import Pack
+    from trainers.packing.pack import Pack
     from trainers.system import reset_window_peak, window_peak_bytes
 
     pack = Pack(base, device)
@@ -218,8 +218,8 @@ def run(args) -> Dict[str, Any]:
 
 def probe_model(base, settings, args, summary: Dict[str, Any]):
     """Calibrate the cost model on this base and device at the largest rank (kept in summary["cost_model"])."""
-    from trainers.cost_model import CostModel
-    from trainers.pack_probe import decide
+    from trainers.packing.cost_model import CostModel
+    from trainers.packing.probe import decide
 
     decision = decide(base, settings, k_max=max(args.ks), steps=args.steps, warmup=args.warmup)
     summary["cost_model"] = decision
@@ -231,7 +231,7 @@ def probe_model(base, settings, args, summary: Dict[str, Any]):
 def predicted_vs_measured(model, figures: Dict[str, Any], args) -> Dict[str, Any]:
     """The model's peak and tokens/s for the arm's members (their own adapter sizes, batch 1 x seq) beside
     the arm's measurements, and their ratios (predicted / measured)."""
-    from trainers.cost_model import MemberShape
+    from trainers.packing.cost_model import MemberShape
 
     members = [MemberShape(1, args.seq, trainable) for trainable in figures["member_trainable"]]
     predicted_gib, predicted_tps = model.memory_bytes(members) / 2 ** 30, model.tokens_per_s(members)
@@ -285,7 +285,7 @@ def parse_args(argv: Optional[List[str]] = None):
     parser.add_argument("--options", default=None, help=f"speed options of the base (GPU default: {GPU_OPTIONS})")
     parser.add_argument("--peak-tflops", type=float, default=None, help="MFU denominator (GPU default: 989)")
     parser.add_argument("--cost-model", action="store_true",
-                        help="probe the cost model (trainers/cost_model.py) and print its prediction per K beside "
+                        help="probe the cost model (trainers/packing/cost_model.py) and print its prediction per K beside "
                              "the packed arm's measurement")
     parser.add_argument("--out", default=None,
                         help="JSON path (default benchmarks/results/packed_throughput_<device>.json)")

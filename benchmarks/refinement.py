@@ -6,7 +6,7 @@ Task (benchmarks/refinement.yaml): LoRA on the pretrained MiniLM classifying std
 training: trainers.recipe.run_trial on one MiniLM loaded once (trainers.model.load_base), its adapter
 replaced per trial. A Ray search costs ~40 s a trial here, so each arm runs the Optuna loop in-process
 with what a search uses: the spec's space and published-defaults first trial, `make_sampler`'s TPE,
-and for the refined arm the searcher's RefinedSampler and search.refine.Refiner.
+and for the refined arm the searcher's RefinedSampler and search.refine.refiner.Refiner.
 
 Fair by construction: per seed both arms get the same sampler seed and the same objective (the spec's
 training seed is fixed, so a configuration always scores the same; identical configurations, as the
@@ -48,7 +48,7 @@ RESULTS = os.path.join(HERE, "results", "refinement.json")
 
 def load_task(workdir: str, trials: int, train_rows: int, eval_rows: int):
     """The benchmark spec with its data cut to the first rows of each file, and N = `trials`."""
-    from search.spec import load_spec
+    from search.spec.search_spec import load_spec
 
     spec = load_spec(SPEC)
     cut = {}
@@ -98,8 +98,8 @@ def run_arm(spec, objective: Objective, seed: int, budget: int, refined: bool, t
     import optuna
     from optuna.trial import TrialState
 
-    from search.refine import Refiner
-    from search.searcher import RefinedSampler, make_sampler
+    from search.refine.refiner import Refiner
+    from search.run.searcher import RefinedSampler, make_sampler
 
     sampler = make_sampler(spec.search.algorithm, seed)
     refiner = Refiner.from_spec(spec) if refined else None

@@ -4,7 +4,7 @@ Workload (that of shared/anchors/naive_tune.py): a tiny LLaMA (2 layers, 128 wid
 LoRA on q/v with r in {1, 4, 16} and a log-uniform learning rate, 20 training steps of batch 8 x 64
 tokens per trial, OptunaSearch + ASHA, one trial at a time, each trial its own Ray Train worker group.
 peft-search runs it through `run_search` exactly as `peft-search run` would (DeepSpeed ZeRO-2, eval
-rounds, checkpoints, run directory, report) on its persistent worker group (search/pool.py), its Ray
+rounds, checkpoints, run directory, report) on its persistent worker group (search/run/pool.py), its Ray
 start-up counted in its wall time (the naive one's is not). Trials per hour = trials / wall time.
 
     python benchmarks/trial_overhead.py [--trials 32] [--naive-trials 6] [--steps 20]
@@ -61,8 +61,8 @@ def prepare_ours(workdir: str, trials: int, steps: int, pack: int = 1) -> str:
 
 
 def run_ours(trials: int, steps: int, workdir: str, pack: int = 1) -> dict:
-    from search.driver import run_search
-    from search.spec import load_spec
+    from search.run.driver import run_search
+    from search.spec.search_spec import load_spec
 
     spec = load_spec(prepare_ours(workdir, trials, steps, pack))
     t0 = time.time()
@@ -92,8 +92,8 @@ def run_ours(trials: int, steps: int, workdir: str, pack: int = 1) -> dict:
 
 
 def _trials_by_start(run_dir: str) -> list:
-    from search.results import load_study
-    from search.storage import open_storage
+    from search.store.results import load_study
+    from search.store.storage import open_storage
 
     study = load_study(open_storage("sqlite", run_dir))
     return sorted((t for t in study.get_trials(deepcopy=False) if t.datetime_start), key=lambda t: t.datetime_start)

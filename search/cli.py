@@ -38,7 +38,7 @@ def _cluster_address(args) -> Optional[str]:
 
 def _load(args):
     """(spec, problems) of the spec args.spec names; its warnings (valid, but worth a look) go to stderr."""
-    from search.validate import check_file
+    from search.spec.validate import check_file
 
     spec, problems, warnings = check_file(args.spec, embedded=_cluster_address(args) is None)
     for warning in warnings:
@@ -63,7 +63,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_resume(args) -> int:
-    from search.resume import load_run_spec
+    from search.run.resume import load_run_spec
 
     run_dir = os.path.abspath(args.run_dir)
     spec, problems = load_run_spec(run_dir, embedded=_cluster_address(args) is None)
@@ -73,12 +73,12 @@ def cmd_resume(args) -> int:
 
 
 def _run(spec, runs_dir: str, address: Optional[str], resume: bool) -> int:
-    from search.driver import run_search
-    from search.remote_storage import RemoteStorageError
-    from search.resume import ResumeError
-    from search.rundir import RunDirError
-    from search.spec import SpecError
-    from search.storage import StorageError
+    from search.run.driver import run_search
+    from search.store.remote import RemoteStorageError
+    from search.run.resume import ResumeError
+    from search.store.rundir import RunDirError
+    from search.store.storage import StorageError
+    from trainers.records import DataError
 
     try:
         run_dir = run_search(spec, runs_dir, address=address, resume=resume)
@@ -86,8 +86,8 @@ def _run(spec, runs_dir: str, address: Optional[str], resume: bool) -> int:
         return _problems_exit([f"--runs-dir: {exc}"])
     except (ResumeError, StorageError, RemoteStorageError) as exc:   # each message names its key (`space:`, `storage:`)
         return _problems_exit([str(exc)])
-    except SpecError as exc:   # data that only the run reads (an HF dataset id), before anything started
-        return _problems_exit(exc.problems)
+    except DataError as exc:   # data that only the run reads (an HF dataset id), before anything started
+        return _problems_exit([f"data: {exc}"])
     except KeyboardInterrupt:
         print(f"interrupted; finished trials are kept: continue with `peft-search resume "
               f"{os.path.abspath(os.path.join(runs_dir, spec.name))}`", file=sys.stderr)
@@ -106,8 +106,8 @@ def _print_report(run_dir: str) -> int:
 
 
 def cmd_report(args) -> int:
-    from search import outputs
-    from search.rundir import RunDirError
+    from search.report import outputs
+    from search.store.rundir import RunDirError
 
     try:
         outputs.refresh(os.path.abspath(args.run_dir))
@@ -117,7 +117,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from search.export import ExportError, export_adapter
+    from search.report.export import ExportError, export_adapter
 
     try:
         path = export_adapter(os.path.abspath(args.run_dir), args.out, trial=args.trial, merge=args.merge)
@@ -130,7 +130,7 @@ def cmd_export(args) -> int:
 def cmd_wandb_sync(args) -> int:
     import subprocess
 
-    from search.tracking import sync_command
+    from search.run.tracking import sync_command
 
     try:
         command = sync_command(os.path.abspath(args.run_dir), dry_run=args.dry_run, project=args.project,

@@ -9,9 +9,9 @@ import pytest
 import torch
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from search.schedulers import SCHEDULERS, make_scheduler
-from search.searcher import SAMPLERS, make_sampler
-from search.tracking import STATES, TRACKERS
+from search.run.schedulers import SCHEDULERS, make_scheduler
+from search.run.searcher import SAMPLERS, make_sampler
+from search.run.tracking import STATES, TRACKERS
 from spaces.methods import get_method, method_names
 from trainers.adapters import BUILDERS, DEFAULTS, build_peft_config, prefix_tuning_problem
 from trainers.settings import PeftSettings

@@ -6,7 +6,7 @@ accumulation, clipping. A user's JSON (`resources.deepspeed.config`) adds anythi
 spec stays the one place a setting is read from (a search over training.batch_size cannot be undone by a
 JSON file); "auto", the placeholder of HF's DeepSpeed integration, means "the spec's value".
 
-No torch import: the search validates a spec with this module.
+No torch import at module level: the search validates a spec with this module.
 """
 from __future__ import annotations
 
@@ -161,3 +161,24 @@ def _overlay(target: Dict[str, Any], top: Mapping[str, Any]) -> None:
             _overlay(target[key], value)
         else:
             target[key] = copy.deepcopy(value)
+
+
+def import_deepspeed():
+    """deepspeed, set up for this machine; an install hint where it is missing."""
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        # DeepSpeed picks its accelerator once, at first use; name CPU explicitly where there is no GPU.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        import deepspeed
+        import deepspeed.ops
+    except ImportError as exc:
+        raise ImportError("engine.deepspeed needs deepspeed: pip install 'peft-search[deepspeed]'") from exc
+    if not torch.cuda.is_available():
+        # The CPU accelerator JIT-compiles a shared-memory all-reduce kernel on first use (over a
+        # minute, and a C++ toolchain on every worker); gloo's all-reduce is enough for CPU trials.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed

@@ -4,7 +4,7 @@
   update spans two directions trains as rank 2 and wastes memory; the ratio to r shows it.
 - Overfitting gap: eval loss minus train loss of the last round.
 - Train/eval overlap: eval rows that are exact or near copies of train rows inflate every eval
-  metric; the search checks it when a spec is validated (search/spec_checks.py).
+  metric; the search checks it when a spec is validated (search/spec/checks.py).
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from trainers.deepspeed_config import deepspeed_config, precision_of
+from trainers.deepspeed_config import deepspeed_config, import_deepspeed, precision_of
 from trainers.settings import OPTIMIZERS, EngineSettings, TrainingSettings, TrialSettings
 
 # Parameters that get no weight decay: decaying a bias or a norm's gain has no regularising
@@ -119,7 +119,7 @@ class PlainEngine:
 
     def backward_term(self, loss: torch.Tensor) -> torch.Tensor:
         """What `backward` differentiates: the loss over the accumulated micro-batches (their mean, as
-        DeepSpeed takes), loss-scaled under fp16. Packed trials (trainers/packed.py) add their members'
+        DeepSpeed takes), loss-scaled under fp16. Packed trials (trainers/packing/pack.py) add their members'
         terms and differentiate the sum once; each member's parameters get only its own term's gradient."""
         loss = loss / self.accumulation
         return self.scaler.scale(loss) if self.scaler else loss
@@ -268,23 +268,6 @@ def _deepspeed_checkpoint_classes() -> List[type]:
     from deepspeed.utils.tensor_fragment import fragment_address
 
     return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
-
-
-def import_deepspeed():
-    """deepspeed, set up for this machine; an install hint where it is missing."""
-    if not torch.cuda.is_available():
-        # DeepSpeed picks its accelerator once, at first use; name CPU explicitly where there is no GPU.
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    try:
-        import deepspeed
-        import deepspeed.ops
-    except ImportError as exc:
-        raise ImportError("engine.deepspeed needs deepspeed: pip install 'peft-search[deepspeed]'") from exc
-    if not torch.cuda.is_available():
-        # The CPU accelerator JIT-compiles a shared-memory all-reduce kernel on first use (over a
-        # minute, and a C++ toolchain on every worker); gloo's all-reduce is enough for CPU trials.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    return deepspeed
 
 
 def uses_deepspeed(engine: EngineSettings) -> bool:

@@ -194,7 +194,7 @@ def _zero3_init_scope(zero3_config: dict):
     refuse the batch size the config gives for all of them)."""
     import torch.distributed as dist
 
-    from trainers.engine import import_deepspeed
+    from trainers.deepspeed_config import import_deepspeed
 
     deepspeed = import_deepspeed()
     deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
@@ -204,7 +204,7 @@ def _zero3_init_scope(zero3_config: dict):
 
 
 def load_lent_base(settings: TrialSettings) -> LoadedBase:
-    """The whole base a worker lends its trials (search/pool.BaseCache) or probes packs on (search/packing.py),
+    """The whole base a worker lends its trials (search/pool.BaseCache) or probes packs on (search/run/packing.py),
     with as many labels as the trial's train data holds, on this rank's device."""
     from trainers.data import read_trial_rows
 

@@ -16,7 +16,7 @@ import pytest
 from optuna.trial import TrialState
 
 from multinode_cluster import LocalCluster, checkpointed_rounds, driver, kill, trials, wait_for, write_spec
-from search.trial_keys import FAILED_ON_KEY, NODES_ATTR, RETRIES_KEY
+from search.store.keys import FAILED_ON_KEY, NODES_ATTR, RETRIES_KEY
 from trainers.tiny_models import build_tiny_classifier, make_learnable_classification_data
 
 pytestmark = pytest.mark.slow

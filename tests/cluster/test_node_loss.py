@@ -1,7 +1,7 @@
 """A lost node or worker against a failure of the trial's own, without a cluster: the texts Ray 2.60 reports a
 node loss with, the trial function's retries and its `failed_on: infrastructure` mark, what the searcher stores
 of them, the pool's hand-over when a group is lost, and `resume` running the trials the cluster alone failed
-(search/trial.py, search/pool.py, search/driver.py, search/resume.py). tests/cluster/test_multinode.py loses
+(search/run/trial.py, search/run/pool.py, search/run/driver.py, search/run/resume.py). tests/cluster/test_multinode.py loses
 real nodes."""
 import threading
 
@@ -11,13 +11,15 @@ import ray
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
-from search.driver import ClusterAwareSearch, open_study
-from search.pool import CLOSED, END, REPORT, TrialPool
-from search.resume import infrastructure_failures, plan, rerun_infrastructure_failures
-from search.searcher import TRIAL_NUMBER_KEY, make_sampler
-from search.spec import parse_spec
-from search.trial import failure_reason, lost_to_infrastructure, tune_trial, worker_lost
-from search.trial_keys import (FAIL_REASON_KEY, FAILED_ON_KEY, INFRASTRUCTURE, INFRASTRUCTURE_RERUNS_ATTR,
+from search.run.driver import ClusterAwareSearch, open_study
+from search.run.protocol import CLOSED, END, REPORT
+from search.run.pool import TrialPool
+from search.run.resume import infrastructure_failures, plan
+from search.run.searcher import TRIAL_NUMBER_KEY, make_sampler
+from search.spec.search_spec import parse_spec
+from search.run.protocol import failure_reason, lost_to_infrastructure, worker_lost
+from search.run.trial import tune_trial
+from search.store.keys import (FAIL_REASON_KEY, FAILED_ON_KEY, INFRASTRUCTURE, INFRASTRUCTURE_RERUNS_ATTR,
                                NODE_KEY, NODES_ATTR, RETRIES_KEY)
 
 # As Ray 2.60 reported them here (a cluster as tests/cluster/test_multinode.py's, a node lost under a running
@@ -179,7 +181,7 @@ def pool(monkeypatch):
         self.groups[group] = set()
 
     monkeypatch.setattr(TrialPool, "_start_group", start_group)
-    monkeypatch.setattr("search.pool.TAKE_POLL_S", 0.05)
+    monkeypatch.setattr("search.run.pool.TAKE_POLL_S", 0.05)
     return TrialPool(slots=2, scaling=None, storage_path="unused", name="tune")
 
 

@@ -3,7 +3,7 @@
 Usage: python matrix_worker.py JOBS.json OUT_DIR
 JOBS.json is a list of {"index": I, "settings": {...}, "pack": K}; each job trains in turn in this one
 process group, as a Ray Train worker group runs trial after trial: K = 1 through trainers.recipe.run_trial,
-K > 1 as a pack of K members (trainers.packed.Pack, as search/pool.serve_packed runs it). After each job,
+K > 1 as a pack of K members (trainers.packing.pack.Pack, as search/pool.serve_packed runs it). After each job,
 OUT_DIR/result-<rank>-<I>.json holds its last metrics, or the reason it failed; a failed job ends the
 process (the other ranks may be stuck in a collective, and the group's timeout ends them).
 """
@@ -31,7 +31,7 @@ def run_solo(settings, out_dir):
 def run_pack(settings, size, out_dir):
     """`size` members, the same settings but each its own seed, stepped until all finish."""
     from trainers.model import load_lent_base
-    from trainers.packed import Pack
+    from trainers.packing.pack import Pack
 
     pack = Pack(load_lent_base(settings))
     for member in range(size):
@@ -71,7 +71,7 @@ def main() -> None:
             if "error" in result:
                 sys.exit(1)
             torch.set_num_threads(1)
-            # as the search's worker groups do (search/pool.py): what the libraries made stays out of each
+            # as the search's worker groups do (search/run/pool.py): what the libraries made stays out of each
             # trial's gc.collect(), which otherwise walks all of it and is most of a tiny trial's time
             gc.collect()
             gc.freeze()

@@ -27,8 +27,8 @@ import pytest
 import yaml
 
 from cluster.local import free_port
-from search.spec_sections import DeepSpeedSection
-from search.validate import validate_file
+from search.spec.sections import DeepSpeedSection
+from search.spec.validate import validate_file
 from spaces.methods import method_names
 from trainers.settings import QUANTIZATIONS, TASKS
 from trainers.settings_io import settings_to_dict

@@ -69,7 +69,7 @@ def spec_dict(world, **changes):
 
 @pytest.fixture
 def secret_spec(world):
-    from search.spec import parse_spec
+    from search.spec.search_spec import parse_spec
 
     return parse_spec(spec_dict(world))
 
@@ -110,7 +110,7 @@ def calls(tree, module: str):
 
 def test_a_spec_with_a_python_tag_is_refused_and_never_run(tmp_path):
     from search.cli import main
-    from search.spec import SpecError, load_spec
+    from search.spec.search_spec import SpecError, load_spec
 
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.yaml"
@@ -156,7 +156,7 @@ def test_every_yaml_load_in_the_code_base_is_safe():
         if problems:
             found[str(path.relative_to(REPO))] = problems
     assert found == {}
-    assert safe_calls >= 1   # the scan sees the spec loader (search/spec_yaml.py), so it is not scanning nothing
+    assert safe_calls >= 1   # the scan sees the spec loader (search/spec/yaml_file.py), so it is not scanning nothing
 
 
 def test_the_yaml_scan_catches_unsafe_loads():
@@ -295,7 +295,7 @@ def test_deepspeed_checkpoints_are_read_weights_only(world, tmp_path):
 
 def _run_dir(spec, tmp_path) -> Path:
     """The run directory's files as `run` writes them (prepare_run_dir would connect to the database first)."""
-    from search.rundir import run_summary, write_run_files
+    from search.store.rundir import run_summary, write_run_files
 
     run_dir = tmp_path / "runs" / spec.name
     run_dir.mkdir(parents=True)
@@ -334,7 +334,7 @@ def _fill_study(storage_url: str, name: str = "secure") -> None:
 def test_trials_csv_and_reports_hold_no_secret(secret_spec, tmp_path, monkeypatch):
     """`report` on a PostgreSQL-backed run: the real URL comes from PEFT_SEARCH_STORAGE (a SQLite file stands in
     for the database server here), the run directory keeps only the redacted one."""
-    from search import outputs
+    from search.report import outputs
 
     run_dir = _run_dir(secret_spec, tmp_path)
     stand_in = f"sqlite:///{tmp_path / 'database.sqlite3'}"
@@ -369,7 +369,7 @@ def offline_wandb(monkeypatch, tmp_path):
 def test_wandb_trial_runs_and_summary_hold_no_key(secret_spec, tmp_path, offline_wandb):
     """A trial's run gets what the search gives it (spec.decode's params and spec.tracking), with the key in
     the spec and in WANDB_API_KEY; neither may reach its config or any file W&B writes."""
-    from search.tracking import WandbTracker, log_tables, start_trial
+    from search.run.tracking import WandbTracker, log_tables, start_trial
 
     run_dir = tmp_path / "run"
     params = secret_spec.decode(secret_spec.default_params(complete=True))
@@ -389,7 +389,7 @@ def test_ray_tunes_pickled_searcher_holds_no_secret_and_still_works(secret_spec,
     URL has a password and whose spec has an API key."""
     from ray import cloudpickle
 
-    from search.searcher import PeftOptunaSearch, make_sampler
+    from search.run.searcher import PeftOptunaSearch, make_sampler
 
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 's.db'}", heartbeat_interval=60, grace_period=180)
     storage.url = POSTGRES_URL   # SQLite takes no password; the URL is all the pickles could leak
@@ -414,11 +414,11 @@ def test_ray_tunes_pickled_searcher_holds_no_secret_and_still_works(secret_spec,
 
 
 def test_a_pickled_storage_is_reopened_in_a_new_process(tmp_path, monkeypatch):
-    """In a new process the pickled storage is reopened at search.storage.saved_storage's URL: the SQLite URL
+    """In a new process the pickled storage is reopened at search.store.storage.saved_storage's URL: the SQLite URL
     itself (it holds no password); for a database, PEFT_SEARCH_STORAGE's, or an error naming it (a real
     database server: test_storage_postgres.py)."""
-    from search import redact
-    from search.storage import StorageError
+    from search.spec import redact
+    from search.store.storage import StorageError
 
     monkeypatch.delenv("PEFT_SEARCH_STORAGE", raising=False)
     url = f"sqlite:///{tmp_path / 's.db'}"
@@ -437,7 +437,7 @@ def test_a_pickled_storage_is_reopened_in_a_new_process(tmp_path, monkeypatch):
                                  "postgresql://peft@db.example/studies?password=" + DB_PASSWORD,
                                  "postgresql://peft@db.example/studies?sslmode=require&PWD=" + DB_PASSWORD + "&a=1"])
 def test_every_form_of_database_password_is_redacted(url):
-    from search.storage import redact_url, url_password
+    from search.store.storage import redact_url, url_password
 
     redacted = redact_url(url)
     assert DB_PASSWORD not in redacted and url_password(redacted) == "***"
@@ -520,9 +520,9 @@ def test_the_embedded_ray_listens_on_loopback_only():
 def test_run_directory_paths_and_setting_names_are_escaped_in_html():
     """Strings test_report_html.py does not cover: the run directory's path (from --runs-dir) in the reproduce
     command and the adapter line, a searched setting's name in the importances."""
-    from search.report import ReportInput
-    from search.report_html import build_html
-    from search.results import best_trial, objectives, trial_rows
+    from search.report.sections import ReportInput
+    from search.report.html import build_html
+    from search.store.results import best_trial, objectives, trial_rows
 
     study = optuna.create_study(direction="maximize")
     dist = {"r_log2": CategoricalDistribution([1, 2])}

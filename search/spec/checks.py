@@ -1,0 +1,310 @@
+"""Checks of a spec against the outside world: data files and the model (inspected, not loaded).
+
+Each function returns problems (`key.path: what is wrong, got X`); none raises for bad input.
+"""
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import math
+import os
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from search.spec.sections import DataSection
+from spaces import targets as target_presets
+from spaces.kinds import Kind, RatioTo
+from trainers.hub import MODEL_ALIASES, looks_like_local_path
+from trainers.records import DataError, is_local_source, read_records
+
+_MAX_SHOWN = 8
+
+
+def _fields_of(rows: Sequence[Mapping[str, Any]]) -> str:
+    names = sorted({str(key) for row in rows[:100] for key in row})
+    return ", ".join(names[:_MAX_SHOWN]) + (", ..." if len(names) > _MAX_SHOWN else "") or "none"
+
+
+def _missing_field(rows: Sequence[Mapping[str, Any]], name: str) -> List[int]:
+    return [index for index, row in enumerate(rows, start=1)
+            if row.get(name) is None or (isinstance(row.get(name), str) and not row.get(name).strip())]
+
+
+def _not_text(rows: Sequence[Mapping[str, Any]], name: str) -> List[int]:
+    """Rows whose text is there but not a string (a JSON number or list): the tokenizer takes only text."""
+    return [index for index, row in enumerate(rows, start=1)
+            if row.get(name) is not None and not isinstance(row.get(name), str)]
+
+
+def _hub_id_problems(key: str, source: str) -> List[str]:
+    """A source that is no local file must at least be spelt as an HF dataset id (checked offline), so a
+    mistyped path such as `inputs/data/train` is caught now, not when the run tries to download it."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(source)
+    except HFValidationError as exc:
+        reason = str(exc).split(". Use `repo_type`")[0].rstrip(".")
+        return [f"data.{key}: {source!r} is neither an existing local file nor an HF dataset id ({reason})"]
+    return []
+
+
+def data_problems(data: DataSection, task: str) -> List[str]:
+    """Files exist, have rows, and every row has the text (a string) and label field; a source that is no
+    local file is spelt as an HF dataset id."""
+    problems: List[str] = []
+    rows_by_key: Dict[str, List[Mapping[str, Any]]] = {}
+    for key in ("train", "eval"):
+        source = getattr(data, key)
+        if source is None:
+            continue
+        if not is_local_source(source):
+            if importlib.util.find_spec("datasets") is None:
+                problems.append(f"data.{key}: {source!r} is not a local file, and HF dataset ids need "
+                                f"pip install 'peft-search[hub-datasets]'")
+            problems += _hub_id_problems(key, source)
+            continue  # a hub dataset is loaded when the run starts; validate downloads nothing
+        try:
+            rows = read_records(source, split=key)
+        except DataError as exc:
+            problems.append(f"data.{key}: {exc} (relative paths are read from the spec file's directory)"
+                            if "no such file" in str(exc) else f"data.{key}: {exc}")
+            continue
+        if not rows:
+            problems.append(f"data.{key}: has no rows, got an empty file {source}")
+            continue
+        rows_by_key[key] = rows
+        fields = [("text_field", data.text_field)]
+        if task == "sequence-classification" and data.label_field:
+            fields.append(("label_field", data.label_field))
+        for field_key, name in fields:
+            missing = _missing_field(rows, name)
+            if missing:
+                problems.append(f"data.{field_key}: {name!r} is missing or empty in {len(missing)} of {len(rows)} rows "
+                                f"of data.{key} (first: row {missing[0]}); the rows have: {_fields_of(rows)}")
+        not_text = _not_text(rows, data.text_field)
+        if not_text:
+            first = rows[not_text[0] - 1][data.text_field]
+            problems.append(f"data.text_field: {data.text_field!r} is not a string in {len(not_text)} of {len(rows)} "
+                            f"rows of data.{key} (first: row {not_text[0]}, got {type(first).__name__})")
+    train = rows_by_key.get("train")
+    if train and data.eval is None and int(len(train) * data.eval_fraction) < 1:
+        problems.append(f"data.eval_fraction: {data.eval_fraction} of {len(train)} rows leaves no eval row; "
+                        f"give data.eval or more rows, got {data.eval_fraction}")
+    if task == "sequence-classification" and data.label_field and train:
+        labels = {str(row.get(data.label_field)) for row in train if row.get(data.label_field) is not None}
+        if len(labels) == 1:
+            problems.append(f"data.label_field: needs at least 2 distinct labels in data.train, got only {labels.pop()!r}")
+        eval_rows = rows_by_key.get("eval")
+        if eval_rows and len(labels) > 1:
+            unseen = sorted({str(row.get(data.label_field)) for row in eval_rows
+                             if row.get(data.label_field) is not None} - labels)
+            if unseen:
+                problems.append(f"data.eval: labels not in data.train: {', '.join(unseen[:_MAX_SHOWN])}")
+    return problems
+
+
+# More eval rows than this share copied from train, and the eval metrics measure memorisation: invalid.
+OVERLAP_ERROR_SHARE = 0.5
+
+
+def overlap_findings(data) -> Tuple[List[str], List[str]]:
+    """(problems, warnings) about eval rows that also appear among the train rows the trials use.
+
+    `data`: the trials' trainers.settings.DataSettings, so that a held-out split of data.train is the
+    split the trials get. Exact copies of more than half the eval rows are a problem; fewer copies, or
+    near copies (trainers/diagnostics.py), a warning. Hub datasets are skipped: validate downloads nothing.
+    """
+    from trainers.data import split_records
+    from trainers.diagnostics import NEAR_JACCARD, SHINGLE_WORDS, text_overlap
+
+    if not is_local_source(data.train) or (data.eval is not None and not is_local_source(data.eval)):
+        return [], []
+    try:
+        train_rows, eval_rows = split_records(data)
+    except DataError:
+        return [], []   # data_problems has said what is wrong with the files
+
+    def texts(rows: Sequence[Mapping[str, Any]]) -> List[str]:
+        return [row[data.text_field] for row in rows if isinstance(row.get(data.text_field), str)]
+
+    overlap = text_overlap(texts(train_rows), texts(eval_rows))
+    if not overlap.exact and not overlap.near:
+        return [], []
+    # A held-out split overlaps when data.train repeats rows: the key to fix is data.train then.
+    where, rows, train, fix = (("data.eval", "eval rows", "data.train", "remove them from data.eval") if data.eval else
+                               ("data.train", "rows held out for eval", "the rows trained on", "deduplicate data.train"))
+    near = f"near duplicates (word {SHINGLE_WORDS}-gram Jaccard >= {NEAR_JACCARD})"
+    if overlap.exact:
+        message = (f"{where}: {len(overlap.exact)} of {overlap.eval_rows} {rows} also appear in {train} "
+                   f"(the same text after casefolding and collapsing whitespace)")
+        message += f", and {len(overlap.near)} more are {near}" if overlap.near else ""
+    else:
+        message = f"{where}: {len(overlap.near)} of {overlap.eval_rows} {rows} are {near} of rows in {train}"
+    if len(overlap.exact) > OVERLAP_ERROR_SHARE * overlap.eval_rows:
+        return [f"{message}; the eval metrics would measure memorisation: {fix}"], []
+    return [], [f"warning: {message}; eval metrics on them overstate generalisation"]
+
+
+def inspect_reference(name_or_path: str, task: str):
+    """(ModelShape or None, problems). Skips (no problem) a hub id that would be downloaded at run time."""
+    from trainers.inspect import ModelReferenceError, inspect_model
+
+    expanded = os.path.expanduser(name_or_path)
+    local = name_or_path in MODEL_ALIASES or os.path.isdir(expanded)
+    if not local and looks_like_local_path(name_or_path):
+        return None, [f"model.name_or_path: no such directory, got {name_or_path!r}"]
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    try:
+        return inspect_model(name_or_path, task), []
+    except ModelReferenceError as exc:
+        if local or offline:
+            return None, [f"model.name_or_path: {exc}"]
+        return None, []  # a hub id, not cached: transformers downloads it when the trial starts
+
+
+def _where(key: str, space: Mapping[str, Kind], home: str = "peft") -> str:
+    return f"space.{key}" if key in space else f"{home}.{key}"
+
+
+def _candidates(key: str, fixed: Mapping[str, Any], space: Mapping[str, Kind]) -> List[Any]:
+    """Every value `key` may take: the fixed one, or each choice / the bounds of the searched one."""
+    if key in space and not isinstance(space[key], RatioTo):
+        return [value for _subpath, value in space[key].extremes()]
+    return [fixed.get(key)]
+
+
+def resolve_modules(requested: Any, model_type: str, method: str, feedforward: bool = False) -> Any:
+    """'auto' -> the preset list (UnknownArchitecture when there is none); lists and 'all-linear' as given."""
+    if requested != "auto":
+        return list(requested) if isinstance(requested, (list, tuple)) else requested
+    if feedforward:
+        return target_presets.preset_feedforward_modules(model_type)
+    return target_presets.preset_target_modules(model_type, method)
+
+
+def shape_problems(shape, method: str, fixed: Mapping[str, Any], space: Mapping[str, Kind],
+                   max_length_where: str) -> List[str]:
+    """Target modules exist, ranks fit the targeted layers, virtual tokens fit the positions, the method can
+    train this model with the installed libraries."""
+    problems: List[str] = []
+    if method == "prefix-tuning" and shape.prefix_tuning_problem:
+        problems.append(f"peft.method: {shape.prefix_tuning_problem}")
+    if "target_modules" in fixed or "target_modules" in space:
+        where = _where("target_modules", space)
+        for requested in _candidates("target_modules", fixed, space):
+            try:
+                modules = resolve_modules(requested, shape.model_type, method)
+            except target_presets.UnknownArchitecture as exc:
+                problems.append(f"{where}: {exc}")
+                continue
+            problems += [f"{where}: {message}" for message in target_presets.check_target_modules(shape, modules)]
+            if problems:
+                continue
+            if "r" in fixed or "r" in space:
+                largest_rank = max(_candidates("r", fixed, space))
+                smallest = target_presets.smallest_dimension(shape, modules)
+                if smallest is not None and largest_rank > smallest:
+                    shown = modules if isinstance(modules, str) else ", ".join(modules)
+                    problems.append(f"{_where('r', space)}: rank must be <= {smallest}, the smallest dimension "
+                                    f"of the targeted layers ({shown}), got {largest_rank}")
+            if method == "ia3":
+                problems += _feedforward_problems(shape, modules, fixed, space)
+    positions = shape.max_position_embeddings
+    if positions:
+        longest = max(_candidates("max_length", fixed, space))
+        tokens = max(_candidates("num_virtual_tokens", fixed, space)) if "num_virtual_tokens" in fixed else 0
+        if longest > positions:
+            problems.append(f"{max_length_where}: must be <= {positions} (the model's max_position_embeddings), got {longest}")
+        elif longest + tokens > positions:
+            problems.append(f"{_where('num_virtual_tokens', space)}: num_virtual_tokens + max_length must be <= "
+                            f"{positions} (the model's max_position_embeddings), got {tokens} + {longest}")
+    return problems
+
+
+def _feedforward_problems(shape, targets: Any, fixed: Mapping[str, Any], space: Mapping[str, Kind]) -> List[str]:
+    where = _where("feedforward_modules", space)
+    problems = []
+    for requested in _candidates("feedforward_modules", fixed, space):
+        try:
+            feedforward = resolve_modules(requested, shape.model_type, "ia3", feedforward=True)
+        except target_presets.UnknownArchitecture as exc:
+            problems.append(f"{where}: {exc}")
+            continue
+        if requested == "auto" and fixed.get("target_modules") != "auto":
+            continue  # the preset is cut down to the given targets when the trial is built
+        problems += [f"{where}: {message}" for message in target_presets.check_target_modules(shape, feedforward)]
+        outside = [name for name in feedforward if name not in targets]
+        if outside:
+            problems.append(f"{where}: feed-forward modules must also be target modules "
+                            f"({', '.join(targets)}), got {', '.join(outside)}")
+    return problems
+
+
+# Training values that reach the DeepSpeed config, and may be searched.
+_DEEPSPEED_TRAINING_KEYS = ("batch_size", "gradient_accumulation_steps", "max_grad_norm")
+
+
+def deepspeed_config_problems(model, training, resources, space: Mapping[str, Kind]) -> List[str]:
+    """resources.deepspeed.config: a readable JSON object that agrees with the spec, for every value a
+    searched batch size, accumulation or clipping may take (trainers/deepspeed_config.py has the rules)."""
+    from dataclasses import fields
+
+    from trainers.deepspeed_config import DeepSpeedConfigError, conflicts, generated_config, read_user_config
+    from trainers.settings import EngineSettings, TrainingSettings
+
+    deepspeed = resources.deepspeed
+    if not deepspeed.enabled or not deepspeed.config:
+        return []
+    try:
+        user = read_user_config(deepspeed.config)
+    except DeepSpeedConfigError as exc:
+        return exc.problems
+    fixed = {f.name: getattr(training, f.name) for f in fields(training)}
+    engine = EngineSettings(zero_stage=deepspeed.zero_stage, offload_optimizer=deepspeed.offload_optimizer,
+                            offload_param=deepspeed.offload_param)
+    precision = _spec_precision(model.dtype, resources.gpus_per_worker)
+    problems: List[str] = []
+    for values in itertools.product(*(_candidates(key, fixed, space) for key in _DEEPSPEED_TRAINING_KEYS)):
+        trial_training = TrainingSettings(**dict(zip(_DEEPSPEED_TRAINING_KEYS, values)))
+        generated = generated_config(trial_training, engine, precision, resources.workers_per_trial)
+        problems += [problem for problem in conflicts(user, generated) if problem not in problems]
+    return problems
+
+
+def _spec_precision(dtype: str, gpus_per_worker: float) -> Optional[str]:
+    """The precision a trial will run in, where the spec tells (None: auto on GPUs, known when it starts)."""
+    from trainers.deepspeed_config import precision_of
+
+    if dtype != "auto":
+        return precision_of(dtype)
+    return None if gpus_per_worker else "fp32"
+
+
+def local_gpu_count() -> int:
+    """CUDA devices this process can use (CUDA_VISIBLE_DEVICES applies); 0 without CUDA or a CUDA torch."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def embedded_gpu_problems(resources, gpus_here: Optional[int] = None) -> List[str]:
+    """GPUs a trial asks for that this machine lacks, for a search on the embedded local Ray.
+
+    Embedded Ray offers only this machine's devices, and Ray keeps a trial that asks for more waiting for
+    them forever, so it is refused before anything starts. On a cluster (--address / RAY_ADDRESS) the
+    GPUs live on its nodes: this check does not apply there. `gpus_here`: the device count (None: ask torch).
+    """
+    asked = resources.gpus_per_worker
+    if not asked:
+        return []
+    gpus_here = local_gpu_count() if gpus_here is None else gpus_here
+    cluster = "or run on a cluster with --address"
+    if gpus_here == 0:
+        return [f"resources.gpus_per_worker: {asked:g} GPU per worker asked for, but this machine has no GPU "
+                f"(embedded Ray); set 0, {cluster}"]
+    per_trial = math.ceil(resources.workers_per_trial * asked)   # a fraction still needs a device to share
+    if per_trial > gpus_here:
+        return [f"resources.gpus_per_worker: a trial needs {per_trial} GPUs (workers_per_trial="
+                f"{resources.workers_per_trial} x gpus_per_worker={asked:g}), but this machine has {gpus_here} "
+                f"(embedded Ray); ask for fewer, {cluster}"]
+    return []
