@@ -74,8 +74,8 @@ def cmd_resume(args) -> int:
 
 def _run(spec, runs_dir: str, address: Optional[str], resume: bool) -> int:
     from search.run.driver import run_search
-    from search.store.remote import RemoteStorageError
     from search.run.resume import ResumeError
+    from search.store.remote import RemoteStorageError
     from search.store.rundir import RunDirError
     from search.store.storage import StorageError
     from trainers.records import DataError

@@ -110,6 +110,7 @@ def inspect_model(name_or_path: str, task: str) -> ModelShape:
     reference, config = load_config(name_or_path)
     import torch
     import transformers
+
     from spaces.targets import linear_layers
     from trainers.adapters import prefix_tuning_problem
 

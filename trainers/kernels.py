@@ -19,6 +19,7 @@ from typing import Any, Dict, List
 import torch
 
 from trainers.settings import ATTN_IMPLEMENTATIONS, ModelSettings
+
 # attention implementation -> (module to import, pip package)
 _ATTN_PACKAGES = {"flash_attention_2": ("flash_attn", "flash-attn"),
                   "flash_attention_3": ("flash_attn_interface", "flash-attn (hopper build)")}
@@ -128,8 +129,7 @@ def apply_liger(loaded, fused_cross_entropy_only: bool = False) -> None:
     if not torch.cuda.is_available():
         raise RuntimeError("model.liger_kernel: Liger's kernels are Triton kernels and need a CUDA GPU")
     try:
-        from liger_kernel.transformers.monkey_patch import (MODEL_TYPE_TO_APPLY_LIGER_FN,
-                                                            _apply_liger_kernel_to_instance)
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN, _apply_liger_kernel_to_instance
     except ImportError as exc:
         raise ImportError("model.liger_kernel needs liger-kernel: pip install liger-kernel") from exc
     model_type = loaded.config.model_type

@@ -14,7 +14,7 @@ import torch
 from trainers.data import CLASSIFICATION
 from trainers.hub import resolve_model_path
 from trainers.kernels import from_pretrained_kwargs, prepare_adapter, prepare_base, wants_checkpointing
-from trainers.settings import DTYPES, ModelSettings, PeftSettings, QUANTIZATIONS, TASKS, TrialSettings
+from trainers.settings import DTYPES, QUANTIZATIONS, TASKS, ModelSettings, PeftSettings, TrialSettings
 
 # The heads PEFT trains in full on a classifier (its SEQ_CLS modules_to_save, matched as name suffixes).
 CLASSIFIER_HEADS = ("classifier", "score")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
-import math
 import os
 import random
 import traceback
@@ -32,90 +31,14 @@ from trainers.distributed import DistContext, all_reduce, current_context
 from trainers.engine import create_engine, zero3_load_config
 from trainers.errors import TrialFailed
 from trainers.memory_guard import host_memory_cap
-from trainers.metrics import EvalCounts
 from trainers.model import LoadedBase, apply_adapter, load_base, release_adapter
+from trainers.rounds import Losses, Plan, Plateau, eval_metrics, round_report, stop_on_plateau, write_metrics
 from trainers.settings import TrialSettings
 from trainers.system import TrainMeter, adapter_mb, count_trainable
 
 ADAPTER_SUBDIR = "adapter"
-METRICS_FILE = "metrics.json"
 DEEPSPEED_FILE = "deepspeed.json"   # the DeepSpeed config a trial ran with, for reproducing it
-# A loss this many times the first one (or 1.0 if that was smaller) counts as diverged although still
-# finite: gradient clipping keeps a far too large learning rate from reaching inf/nan, and the loss
-# explodes instead (1e9 for a classifier that started at 0.69). Healthy training never comes near it.
-DIVERGENCE_FACTOR = 100.0
 _OOM_ERRORS = tuple(error for error in (getattr(torch, "OutOfMemoryError", None), MemoryError) if error)
-
-
-@dataclass
-class Plan:
-    """How many optimizer steps, and after which ones an eval round (a report) comes."""
-    batches_per_epoch: int
-    total_steps: int
-    round_ends: List[int]
-
-    @classmethod
-    def for_trial(cls, settings: TrialSettings, batches_per_epoch: int) -> "Plan":
-        training = settings.training
-        if training.epochs < 1 or training.evals_per_epoch < 1:
-            raise ValueError(f"training.epochs and training.evals_per_epoch must be >= 1, "
-                             f"got {training.epochs} and {training.evals_per_epoch}")
-        accumulation = max(1, training.gradient_accumulation_steps)
-        total = math.ceil(training.epochs * batches_per_epoch / accumulation)
-        if training.max_steps is not None:
-            total = min(total, training.max_steps)
-        if total < 1:
-            raise ValueError(f"training.max_steps must be >= 1, got {training.max_steps}")
-        # A round needs at least one step; with fewer steps than rounds there are fewer rounds.
-        rounds = min(training.epochs * training.evals_per_epoch, total)
-        return cls(batches_per_epoch, total, [math.ceil(k * total / rounds) for k in range(1, rounds + 1)])
-
-
-@dataclass
-class Plateau:
-    """Plateau stopping: the watched metric has not improved by more than `min_delta` for `patience`
-    eval rounds in a row. Fed the reduced metrics, so every rank decides the same at the same round."""
-    metric: str
-    mode: str                            # min | max
-    patience: Optional[int]              # None: never stops
-    min_delta: float = 0.0
-    best: Optional[float] = None
-    stale_rounds: int = 0                # rounds since the last improvement
-
-    @classmethod
-    def for_trial(cls, settings: TrialSettings) -> "Plateau":
-        training = settings.training
-        if training.early_stopping_patience is not None and training.early_stopping_patience < 1:
-            raise ValueError(f"training.early_stopping_patience must be >= 1 or None, "
-                             f"got {training.early_stopping_patience}")
-        if training.early_stopping_min_delta < 0:
-            raise ValueError(f"training.early_stopping_min_delta must be >= 0, got {training.early_stopping_min_delta}")
-        if training.monitor_mode not in ("min", "max"):
-            raise ValueError(f"training.monitor_mode must be min or max, got {training.monitor_mode!r}")
-        return cls(training.monitor, training.monitor_mode, training.early_stopping_patience,
-                   training.early_stopping_min_delta)
-
-    def stalled(self, metrics: Dict[str, Any]) -> bool:
-        """Take one round's metrics; True when the trial should stop here."""
-        if self.patience is None:
-            return False
-        if self.metric not in metrics:
-            raise ValueError(f"training.monitor: {self.metric!r} is not among this trial's metrics "
-                             f"({', '.join(sorted(key for key in metrics if key.startswith('eval_')))})")
-        value = float(metrics[self.metric])
-        if self.best is None:
-            gain = math.inf
-        else:
-            gain = value - self.best if self.mode == "max" else self.best - value
-        if math.isfinite(value) and gain > self.min_delta:   # a nan never counts as an improvement
-            self.best, self.stale_rounds = value, 0
-        else:
-            self.stale_rounds += 1
-        return self.stale_rounds >= self.patience
-
-    def reason(self, number: int, rounds: int) -> str:
-        return (f"plateau: {self.metric} did not improve by > {self.min_delta:g} for {self.stale_rounds} rounds "
-                f"(stopped after round {number} of {rounds})")
 
 
 @dataclass
@@ -133,8 +56,7 @@ class Trial:
     trainable_params: int
     stream: Iterator = None
     micro_batches: int = 0
-    first_loss: Optional[float] = None   # the reference for divergence
-    round_losses: List[float] = field(default_factory=list)
+    losses: Losses = field(default_factory=Losses)
     phase: str = "setup"                 # where an out-of-memory happened, for its reason
 
 
@@ -173,13 +95,12 @@ def run_trial(settings: TrialSettings, report: Callable[[Dict[str, Any]], None],
                 if number <= done:
                     continue
                 train(trial, end_step)
-                metrics = {**progress(trial, number), **evaluate(trial), **system_figures(trial)}
+                metrics = {**round_report(number, trial.plan, trial.engine.optimizer_steps, trial.micro_batches,
+                                          trial.losses), **evaluate(trial), **system_figures(trial)}
                 if done:
                     metrics["resumed_after_round"] = done
                 # the metrics are reduced over ranks, so every rank stops at the same round
-                stopped = plateau.stalled(metrics) and number < rounds
-                if stopped:
-                    metrics.update(rounds_total=number, stopped_early=plateau.reason(number, rounds))
+                stopped = stop_on_plateau(plateau, metrics, number, rounds)
                 if stopped or number == rounds:
                     metrics.update(diagnose(trial, metrics))
                     metrics["adapter_mb"] = save(trial, output_dir, metrics)
@@ -268,37 +189,18 @@ def check_loss(trial: Trial, step: int, loss_tensor: torch.Tensor) -> None:
 
     The loss is averaged over ranks, so all ranks see a divergence at the same step and stop together
     (one rank raising alone would hang the others in the next collective)."""
-    loss = all_reduce([loss_tensor.item()])[0] / trial.ctx.world_size
-    if trial.first_loss is None:
-        trial.first_loss = loss
-    if not math.isfinite(loss) or loss > DIVERGENCE_FACTOR * max(trial.first_loss, 1.0):
-        raise TrialFailed(f"diverged at step {step} (loss={loss:.4g})")
-    trial.round_losses.append(loss)
+    diverged = trial.losses.add(all_reduce([loss_tensor.item()])[0] / trial.ctx.world_size, step)
+    if diverged:
+        raise TrialFailed(diverged)
 
 
 @torch.no_grad()
 def evaluate(trial: Trial) -> Dict[str, float]:
     trial.phase = f"eval after step {trial.engine.optimizer_steps}"
     model = trial.engine.model
-    model.eval()
-    counts = EvalCounts(trial.settings.model.task, trial.base.num_labels)
-    for batch in trial.data.eval:
-        inputs = _to_device({key: batch[key] for key in ("input_ids", "attention_mask")}, trial.ctx.device)
-        counts.add(model(**inputs).logits, batch)
-    model.train()
-    return counts.reduced().metrics()
-
-
-def progress(trial: Trial, number: int) -> Dict[str, Any]:
-    losses = trial.round_losses
-    trial.round_losses = []
-    return {
-        "round": number,
-        "rounds_total": len(trial.plan.round_ends),   # a report before the last one means stopped early
-        "step": trial.engine.optimizer_steps,
-        "epoch": trial.micro_batches / trial.plan.batches_per_epoch,
-        "train_loss": sum(losses) / len(losses) if losses else float("nan"),
-    }
+    return eval_metrics(model, trial.data.eval, trial.settings.model.task, trial.base.num_labels,
+                        lambda batch: model(**_to_device({key: batch[key] for key in ("input_ids", "attention_mask")},
+                                                         trial.ctx.device)).logits)
 
 
 def diagnose(trial: Trial, metrics: Dict[str, Any]) -> Dict[str, float]:
@@ -331,9 +233,7 @@ def save(trial: Trial, output_dir: str, metrics: Dict[str, Any]) -> float:
     size = adapter_mb(adapter_dir) if trial.ctx.is_main else 0.0
     size = all_reduce([size])[0]                  # also keeps the others waiting until the save is done
     if trial.ctx.is_main:
-        with open(os.path.join(output_dir, METRICS_FILE), "w", encoding="utf-8") as handle:
-            json.dump({**metrics, "adapter_mb": size, "engine": trial.engine.name,
-                       "world_size": trial.ctx.world_size}, handle, indent=2)
+        write_metrics(output_dir, {**metrics, "adapter_mb": size}, trial.engine.name, trial.ctx.world_size)
     return size
 
 
@@ -371,7 +271,7 @@ def checkpoint(trial: Trial, plateau: Plateau, output_dir: str, number: int, met
     save_round(trial.engine, trial.ctx, output_dir, number, {
         "round": number, "finished": finished, "metrics": metrics,
         "optimizer_steps": trial.engine.optimizer_steps, "micro_batches": trial.micro_batches,
-        "first_loss": trial.first_loss, "plateau_best": plateau.best, "plateau_stale_rounds": plateau.stale_rounds})
+        "first_loss": trial.losses.first, "plateau_best": plateau.best, "plateau_stale_rounds": plateau.stale_rounds})
 
 
 def resume(trial: Trial, plateau: Plateau, resume_from: str) -> Dict[str, Any]:
@@ -380,7 +280,7 @@ def resume(trial: Trial, plateau: Plateau, resume_from: str) -> Dict[str, Any]:
     state = load_round(trial.engine, trial.ctx, resume_from)
     trial.engine.optimizer_steps = state["optimizer_steps"]
     trial.engine.micro_steps = trial.micro_batches = state["micro_batches"]
-    trial.first_loss = state["first_loss"]
+    trial.losses.first = state["first_loss"]
     plateau.best, plateau.stale_rounds = state["plateau_best"], state["plateau_stale_rounds"]
     # The train order depends only on (seed, epoch): skipping the micro-batches already trained on puts this
     # run on the batch the interrupted one would have read next (collating them costs no model compute).

@@ -35,11 +35,11 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-
+from search.numbers import show_number
+from search.refine.sensitivity import (MIN_TRIALS_FOR_SENSITIVITY, Bin, importances, marginal_effects,
+                                       sensitivity_table)
 from search.store.keys import REFINEMENT_ATTR, REFINEMENTS_ATTR
 from search.store.results import best_row, trial_rows
-from search.refine.sensitivity import (MIN_TRIALS_FOR_SENSITIVITY, Bin, fmt, importances, marginal_effects,
-                                       sensitivity_table)
 from spaces.kinds import Kind
 
 log = logging.getLogger("peft_search")
@@ -112,7 +112,8 @@ def plan_refinement(rows: Sequence[Dict[str, object]], params: Sequence[Searched
     for p in _to_fix(free, table, importance, settings, n_searched=len(params) - len(fixed)):
         row = table[p.name]
         out.fixed[p.name] = best[f"param_{p.name}"]
-        out.notes.append(f"{p.name} fixed at {fmt(best[f'param_{p.name}'])}: LOW impact ({row.impact_points:.2g} "
+        fixed_at = show_number(best[f'param_{p.name}'], 3)
+        out.notes.append(f"{p.name} fixed at {fixed_at}: LOW impact ({row.impact_points:.2g} "
                          f"points, noise {row.noise_floor:.2g}), importance {importance[p.name]:.2f} "
                          f"< {settings.min_importance:g}")
     for p in free:
@@ -243,8 +244,8 @@ def _narrowed_choices(p: SearchedParam, dist: CategoricalDistribution, bins: Lis
 
 def _show(p: SearchedParam, values: list) -> str:
     if isinstance(p.distribution, CategoricalDistribution):
-        return "{" + ", ".join(fmt(v) for v in values) + "}"
-    return f"{fmt(values[0])}–{fmt(values[1])}"
+        return "{" + ", ".join(show_number(v, 3) for v in values) + "}"
+    return f"{show_number(values[0], 3)}–{show_number(values[1], 3)}"
 
 
 # --- the refiner a search holds ----------------------------------------------------------------------

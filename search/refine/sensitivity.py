@@ -19,8 +19,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from search.store.results import is_number
 from search.refine.importance import Importances, importances  # noqa: F401 (re-exported)
+from search.numbers import is_number, show_number
 
 # Below this, bins hold one or two trials and an impact cannot be told from noise (seen: 5 complete
 # trials gave 28-point impacts rated LOW against their own shuffled noise).
@@ -56,20 +56,8 @@ class SensitivityRow:
     noise_floor: float = 0.0  # 90th percentile of the impact with this setting's values shuffled
 
 
-def fmt(value) -> str:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        return str(value)
-    value = float(value)
-    if value.is_integer() and abs(value) < 1e6:
-        return str(int(value))
-    if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e4):
-        mantissa, exponent = f"{value:.1e}".split("e")
-        return f"{mantissa}e{int(exponent)}"
-    return f"{value:.3g}"
-
-
 def _span(low, high) -> str:
-    return fmt(low) if low == high else f"{fmt(low)}–{fmt(high)}"
+    return show_number(low, 3) if low == high else f"{show_number(low, 3)}–{show_number(high, 3)}"
 
 
 def _column(param: str) -> str:
@@ -156,7 +144,7 @@ def marginal_effects(rows: Sequence[Dict[str, object]], param: str, metric: str,
         ys = partial[own == b]
         boot = ys[rng.integers(0, len(ys), size=(n_boot, len(ys)))].mean(axis=1) if n_boot else ys[:0]
         lo, hi = np.quantile(boot, [(1 - CI) / 2, (1 + CI) / 2]) if len(boot) else (ys.mean(), ys.mean())
-        out.append(Bin(label=fmt(low) if single else _span(low, high), low=low, high=high, n=len(ys),
+        out.append(Bin(label=show_number(low, 3) if single else _span(low, high), low=low, high=high, n=len(ys),
                        mean=float(ys.mean()), ci_low=float(lo), ci_high=float(hi),
                        boot=tuple(float(v) for v in boot)))
     return out

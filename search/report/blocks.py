@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 from typing import List, Mapping, Optional, Sequence, Union
 
+from search.numbers import show_number
+
 
 @dataclass(frozen=True)
 class Table:
@@ -45,9 +47,7 @@ class Section:
 def cell(value) -> str:
     if value is None or value == "":
         return ""
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
+    return show_number(value)
 
 
 def markdown_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str]) -> str:

@@ -5,8 +5,7 @@ import os
 import shutil
 from typing import Optional
 
-from search.store.rundir import RunDirError, read_summary
-from search.store.rundir import trial_dir
+from search.store.rundir import RunDirError, read_summary, trial_dir
 
 
 class ExportError(ValueError):

@@ -11,6 +11,7 @@ import re
 from html import escape
 from typing import List, Sequence
 
+from search.numbers import is_number
 from search.report.blocks import Block, Bullets, Code, Figure, Section, Table, cell, write_text
 from search.report.sections import ReportInput, sections
 
@@ -46,15 +47,11 @@ def inline(text: str) -> str:
     return _BOLD.sub(r"<strong>\1</strong>", _CODE.sub(r"<code>\1</code>", escape(text)))
 
 
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def table(block: Table) -> str:
     head = "".join(f"<th>{escape(str(c))}</th>" for c in block.columns)
     body = []
     for row in block.rows:
-        cells = "".join(f'<td class="num">{escape(cell(row.get(c)))}</td>' if _number(row.get(c))
+        cells = "".join(f'<td class="num">{escape(cell(row.get(c)))}</td>' if is_number(row.get(c))
                         else f"<td>{inline(cell(row.get(c)))}</td>" for c in block.columns)
         state = row.get("state")
         klass = f' class="state-{escape(str(state))}"' if state in ("PRUNED", "FAIL") else ""

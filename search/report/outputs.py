@@ -7,14 +7,14 @@ import os
 import shutil
 from typing import Dict, List, Optional, Tuple
 
-from search.report import html as report_html, sections as report
-from search.store.remote import KEY, RemoteRun, one_line
-from search.store.packing_file import read_packing
+from search.report import html as report_html
+from search.report import sections as report
 from search.store.keys import REFINEMENTS_ATTR
+from search.store.packing_file import read_packing
+from search.store.remote import KEY, RemoteRun, one_line
 from search.store.results import best_trial, load_study, objectives, trial_rows, write_trials_csv
-from search.store.rundir import RunDirError, read_summary
+from search.store.rundir import SETTINGS_FILE, RunDirError, read_summary, trial_dir
 from search.store.storage import SQLITE_FILE, STUDY_NAME, StorageError, open_storage, redact_url, saved_storage
-from search.store.rundir import SETTINGS_FILE, trial_dir
 
 TRIALS_CSV = "trials.csv"
 BEST_DIR = "best"

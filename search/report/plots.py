@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from html import escape
 from typing import List, Optional, Sequence, Tuple
 
-from search.store.results import is_number
+from search.numbers import is_number, show_number
 
 WIDTH, HEIGHT = 560, 300
 LEFT, RIGHT, TOP, BOTTOM = 72, 16, 30, 52
@@ -33,10 +33,8 @@ class Series:
 
 
 def tick_label(value: float) -> str:
-    if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
-        mantissa, exponent = f"{value:.1e}".split("e")
-        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
-    return f"{value:.4g}"
+    return show_number(value, digits=2) if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5) \
+        else show_number(value)
 
 
 def _nice_step(span: float, target: int = 5) -> float:

@@ -14,13 +14,14 @@ import shlex
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
+from search.numbers import is_number
 from search.refine.sensitivity import MIN_TRIALS_FOR_SENSITIVITY, enough_for_sensitivity, sensitivity_table
 from search.report import plots
 from search.report.blocks import Block, Bullets, Code, Figure, Section, Table, cell, to_markdown, write_text
 from search.report.packing import packing_section
 from search.store.keys import DIAG_PREFIX, STOPPED_EARLY_KEY
-from search.store.results import (SYSTEM_COLUMNS, Objective, columns, failure_counts,
-                            is_number, objectives, pareto_front, rank_panel, ranks_tested)
+from search.store.results import (SYSTEM_COLUMNS, Objective, columns, failure_counts, objectives,
+                                  pareto_front, rank_panel, ranks_tested)
 
 REPORT_MD = "report.md"
 
@@ -38,7 +39,7 @@ class ReportInput:
     peft_config: Optional[Tuple[str, dict]] = None  # (how to build it, its kwargs) of the best trial
     settings_path: Optional[str] = None      # best/settings.json, when the best trial saved its settings
     adapter_dir: Optional[str] = None        # best/, when it holds the best trial's adapter
-    packing: Optional[Mapping[str, object]] = None  # search.store.packing_file.read_packing: K, how chosen, measured steps
+    packing: Optional[Mapping[str, object]] = None  # store/packing_file.read_packing: K, how chosen, measured steps
 
     @property
     def objectives(self) -> List[Objective]:

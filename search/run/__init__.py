@@ -5,6 +5,6 @@ from search.lazy import lazy_exports
 
 __getattr__, __all__ = lazy_exports(__name__, {
     "run_search": "driver", "tune_trial": "trial", "start_pool": "pool", "TrialPool": "pool",
-    "PeftOptunaSearch": "searcher", "ClusterAwareSearch": "searcher", "make_sampler": "searcher",
+    "PeftOptunaSearch": "searcher", "make_sampler": "searcher",
     "make_scheduler": "schedulers", "failure_reason": "protocol", "choose_pack": "packing",
 })

@@ -12,18 +12,18 @@ from typing import Optional
 
 from cluster import leftovers, local
 from search.report import outputs
-from search.run.resume import (DriverLock, ResumePlan, infrastructure_failures, plan, record_or_check,
-                           rerun_infrastructure_failures)
-from search.store.rundir import prepare_run_dir, write_run_files
-from search.run.progress import CancelEndedTrials, ProgressLines
-from search.store.remote import KEY, RemoteRun, RemoteStorageError, one_line
-from search.run.schedulers import make_scheduler
 from search.run.packing import choose_pack
 from search.run.pool import start_pool
-from search.run.searcher import ClusterAwareSearch, PeftOptunaSearch, make_sampler
-from search.store.storage import StorageError, open_storage, study_name
+from search.run.progress import CancelEndedTrials, ProgressLines
+from search.run.resume import (DriverLock, ResumePlan, infrastructure_failures, plan, record_or_check,
+                               rerun_infrastructure_failures)
+from search.run.schedulers import make_scheduler
+from search.run.searcher import PeftOptunaSearch, make_sampler
 from search.run.tracking import log_tables
 from search.run.trial import tune_trial
+from search.store.remote import KEY, RemoteStorageError, one_line
+from search.store.rundir import RunPlace, prepare_run_dir, write_run_files
+from search.store.storage import StorageError
 
 GROUPS_CLOSE_S = 15
 NODE_ID_LABEL = "ray.io/node-id"   # the label Ray 2.60 gives every node: its node id
@@ -37,11 +37,12 @@ def run_search(spec, runs_dir: str, address: Optional[str] = None, resume: bool 
     from search.run.tracking import check_available
 
     check_available(spec.tracking)  # a missing wandb fails here, not in every trial
-    run_dir, summary = prepare_run_dir(spec, runs_dir, resume)
+    place = RunPlace.of(spec, runs_dir)
+    run_dir, remote = place.run_dir, place.remote
+    summary = prepare_run_dir(spec, place, resume)
     with DriverLock(run_dir):
-        study = open_study(spec, run_dir, resume)   # a changed space or objective stops here, before Ray
+        study = open_study(spec, place, resume)   # a changed space or objective stops here, before Ray
         write_run_files(spec, run_dir, summary)
-        remote = RemoteRun.of(spec.resources.storage_path, spec.name)
         if remote is not None:   # now, not only at the end: a second search of this name is refused from here on
             try:
                 remote.upload_outputs(run_dir)
@@ -54,7 +55,7 @@ def run_search(spec, runs_dir: str, address: Optional[str] = None, resume: bool 
         wall_before, started = (outputs.previous_wall(run_dir) or 0.0) if resume else 0.0, time.time()
         try:
             if todo.to_run:
-                _fit_on_ray(spec, run_dir, address, todo, remote)
+                _fit_on_ray(spec, place, address, todo)
             failed_on_cluster = infrastructure_failures(study)
             if failed_on_cluster:
                 log.warning(f"{len(failed_on_cluster)} trials failed only because of the cluster (lost nodes or "
@@ -66,13 +67,13 @@ def run_search(spec, runs_dir: str, address: Optional[str] = None, resume: bool 
     return run_dir
 
 
-def open_study(spec, run_dir: str, resume: bool):
+def open_study(spec, place: RunPlace, resume: bool):
     """The search's Optuna study, created with its fingerprint or, on resume, loaded and checked against it."""
     import optuna
 
-    name = study_name(spec.storage, spec.name)
+    name = place.study
     directions = ["maximize" if mode == "max" else "minimize" for mode in spec.objective.modes]
-    study = optuna.create_study(storage=open_storage(spec.storage, run_dir), study_name=name,
+    study = optuna.create_study(storage=place.open_storage(), study_name=name,
                                 directions=directions, load_if_exists=True)
     if not resume and study.get_trials(deepcopy=False):
         raise StorageError(f"storage: already holds a study {name!r} with trials; resume it or use another storage")
@@ -80,13 +81,14 @@ def open_study(spec, run_dir: str, resume: bool):
     rerun = rerun_infrastructure_failures(study) if resume else []
     if rerun:   # RUNNING again, as interrupted trials are; loaded again, past the cache of their FAIL state
         log.info(f"trials {rerun} failed only because of the cluster: they run again")
-        study = optuna.load_study(storage=open_storage(spec.storage, run_dir), study_name=name)
+        study = optuna.load_study(storage=place.open_storage(), study_name=name)
     return study
 
 
-def _fit_on_ray(spec, run_dir: str, address: Optional[str], todo: ResumePlan, remote: Optional[RemoteRun]) -> None:
+def _fit_on_ray(spec, place: RunPlace, address: Optional[str], todo: ResumePlan) -> None:
     import ray
 
+    run_dir = place.run_dir
     # A failing trial reports only its reason; Tune's strict check would turn that into a
     # driver-side error instead of a FAIL row.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
@@ -106,7 +108,7 @@ def _fit_on_ray(spec, run_dir: str, address: Optional[str], todo: ResumePlan, re
         log.info(f"{run_dir} must be on storage every node of the cluster sees (NFS, EFS), or set "
                  f"resources.storage_path: a trial retried on another node goes on from its checkpoint only there")
     try:
-        _fit(spec, run_dir, todo, remote)
+        _fit(spec, place, todo)
     finally:
         local.shutdown(started_ray)
         if started_ray:
@@ -122,15 +124,14 @@ def _sensitivity_tables(spec, study, rows) -> dict:
     return summary_tables(rows, study, spec.objective.metrics[0], spec.objective.modes[0])
 
 
-def _fit(spec, run_dir: str, todo: ResumePlan, remote: Optional[RemoteRun]) -> None:
+def _fit(spec, place: RunPlace, todo: ResumePlan) -> None:
     import ray
     from ray import tune
 
     threads = local.threads_per_worker(spec.search.concurrency, spec.resources.workers_per_trial)
-    # Ray's state in RUN_DIR/ray, or in <storage_path>/<name>/ray where every node (and a later driver) finds it
-    storage_path, storage_filesystem = remote.ray_storage() if remote else (os.path.join(run_dir, "ray"), None)
-    tune_name = _tune_name(run_dir, remote)
-    pack = choose_pack(spec, run_dir, threads, resumed=todo.asked > 0)   # search.pack, or the cost model's K
+    storage_path, storage_filesystem = place.ray_storage()
+    tune_name = _tune_name(place)
+    pack = choose_pack(spec, place.run_dir, threads, resumed=todo.asked > 0)   # search.pack, or the cost model's K
     # worker groups that outlive trials, started first: their start (processes, imports, the base) is the
     # longest wait of a search's start, and the rest of it overlaps theirs
     pool = start_pool(spec, storage_path, storage_filesystem, tune_name, pack, todo.to_run)
@@ -140,7 +141,7 @@ def _fit(spec, run_dir: str, todo: ResumePlan, remote: Optional[RemoteRun]) -> N
             metric, mode = list(metric), list(mode)
         scheduler = make_scheduler(spec.search.scheduler, metric, mode, spec.max_rounds, spec.search.grace_rounds,
                                    spec.search.reduction_factor)
-        trainable = tune.with_parameters(tune_trial, spec=spec, run_dir=run_dir, threads_per_worker=threads,
+        trainable = tune.with_parameters(tune_trial, spec=spec, place=place, threads_per_worker=threads,
                                          pool=pool)
         tuner = tune.Tuner(
             # the trial function only waits on its worker group, which holds the real resources; its actor
@@ -148,7 +149,7 @@ def _fit(spec, run_dir: str, todo: ResumePlan, remote: Optional[RemoteRun]) -> N
             # pool: a lost worker node then takes no trial function, only workers, whose trials are retried
             tune.with_resources(trainable, tune.PlacementGroupFactory(
                 [{"CPU": 0.01}], bundle_label_selector=[{NODE_ID_LABEL: ray.get_runtime_context().get_node_id()}])),
-            tune_config=tune.TuneConfig(search_alg=_searcher(spec, run_dir, todo, metric, mode), scheduler=scheduler,
+            tune_config=tune.TuneConfig(search_alg=_searcher(spec, place, todo, metric, mode), scheduler=scheduler,
                                         num_samples=todo.to_run, max_concurrent_trials=spec.search.concurrency * pack,
                                         reuse_actors=True),
             run_config=tune.RunConfig(name=tune_name, storage_path=storage_path, storage_filesystem=storage_filesystem,
@@ -164,16 +165,16 @@ def _fit(spec, run_dir: str, todo: ResumePlan, remote: Optional[RemoteRun]) -> N
         ray.kill(pool)   # with whatever worker groups are left
 
 
-def _searcher(spec, run_dir: str, todo: ResumePlan, metric, mode) -> PeftOptunaSearch:
+def _searcher(spec, place: RunPlace, todo: ResumePlan, metric, mode) -> PeftOptunaSearch:
     from search.refine.refiner import Refiner
 
     has_defaults = bool(spec.default_params())   # some published default lies inside the space
-    return ClusterAwareSearch(
+    return PeftOptunaSearch(
         space=spec.search_space(), metric=metric, mode=mode,
         # a resumed driver's sampler must not replay the draws of the first driver's (same seed, same draws)
         sampler=make_sampler(spec.search.algorithm, spec.search.seed + todo.asked,
                              grid=spec.grid() if spec.search.algorithm == "grid" else None),
-        study_name=study_name(spec.storage, spec.name), storage=open_storage(spec.storage, run_dir),
+        study_name=place.study, storage=place.open_storage(),
         seed=spec.search.seed,
         decode=spec.decode,
         refiner=Refiner.from_spec(spec),   # None unless search.refine_every > 0
@@ -196,10 +197,10 @@ def _close_groups(pool) -> None:
         log.warning(f"the trial pool was lost: {one_line(exc)}")
 
 
-def _tune_name(run_dir: str, remote: Optional[RemoteRun]) -> str:
+def _tune_name(place: RunPlace) -> str:
     """`tune` for the first driver, `tune-2`, `tune-3`... for the ones that resumed it."""
-    taken = (lambda name: remote.exists("ray", name)) if remote else \
-        (lambda name: os.path.exists(os.path.join(run_dir, "ray", name)))
+    taken = (lambda name: place.remote.exists("ray", name)) if place.remote else \
+        (lambda name: os.path.exists(os.path.join(place.run_dir, "ray", name)))
     name, count = "tune", 1
     while taken(name):
         count += 1

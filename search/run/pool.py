@@ -2,9 +2,10 @@
 
 A Ray Train worker group started per trial costs far more than a short trial's training on a small machine
 (benchmarks/trial_overhead.py measures it against shared/anchors/naive_tune.py): processes, the
-torch.distributed group, imports, the base model read from disk. Here a search starts at most `concurrency` groups, each one TorchTrainer
-whose workers loop over trials (`serve_trials`): every trial gets a fresh adapter, optimizer, schedule and
-data on the base its group loaded once (trainers/recipe.run_trial's lent base).
+torch.distributed group, imports, the base model read from disk. Here a search starts at most `concurrency`
+groups, each one TorchTrainer whose workers loop over trials (`serve_trials`): every trial gets a fresh
+adapter, optimizer, schedule and data on the base its group loaded once (trainers/recipe.run_trial's lent
+base).
 
     Tune trial function --submit / next_report / cancel--> TrialPool actor <--take / put_report / finish-- rank 0
                                                             (a mailbox a trial)              (of each group)
@@ -26,9 +27,9 @@ import threading
 import time
 from typing import Any, Dict, Optional, Tuple
 
-from search.run.protocol import CLOSED, END, GO_ON, NO_TRIAL, REPORT, STOP, failure_reason
-from search.store.remote import KEY, one_line
+from search.run.protocol import CLOSED, END, GO_ON, NO_TRIAL, REPORT, STOP, TrialJob, failure_reason
 from search.store.keys import NODE_KEY
+from search.store.remote import KEY, one_line
 
 TAKE_POLL_S = 0.5   # how often a group's waiting `take` checks that the group still lives
 
@@ -65,9 +66,9 @@ class TrialPool:
         self.lock = threading.Lock()
 
     # --- the Tune trial function's side
-    def submit(self, number: int, job: Dict[str, Any]) -> None:
+    def submit(self, number: int, job: TrialJob) -> None:
         with self.lock:
-            self.mailboxes[number] = _Mailbox(job.get("attempt") if isinstance(job, dict) else None)
+            self.mailboxes[number] = _Mailbox(job.attempt)
             self._start_groups_for(len(self.mailboxes))
         self.jobs.put((number, job))
 
@@ -205,9 +206,8 @@ def _start_autoscaling_coordinator() -> None:
     workers, now, while the controller's own process starts, so a group starts sooner. This is
     Ray's internal API: where a Ray version lacks it, the controller starts the actor itself, as before."""
     try:
-        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
-            get_or_create_autoscaling_coordinator,
-        )
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import \
+            get_or_create_autoscaling_coordinator
         get_or_create_autoscaling_coordinator()
     except Exception:   # only a speed-up
         pass
@@ -260,10 +260,10 @@ def serve_trials(config: Dict[str, Any]) -> None:
             return
         error = run_job(job, rank, pool, bases)
         if rank == 0:
-            ray.get(pool.finish.remote(group, job["number"], error, job.get("attempt")))
+            ray.get(pool.finish.remote(group, job.number, error, job.attempt))
 
 
-def run_job(job: Dict[str, Any], rank: int, pool, bases: "BaseCache") -> Optional[str]:
+def run_job(job: TrialJob, rank: int, pool, bases: "BaseCache") -> Optional[str]:
     """One trial on this worker; returns its failure reason, None when it finished or was stopped.
 
     Anything but TrialFailed (which every rank raises together) is raised: a rank alone in an error
@@ -276,23 +276,23 @@ def run_job(job: Dict[str, Any], rank: int, pool, bases: "BaseCache") -> Optiona
     from trainers.errors import TrialFailed
     from trainers.recipe import run_trial
 
-    tracker = start_trial(job["run_dir"], job["search_name"], job["number"], job["params"],
-                          job["tracking"]) if rank == 0 else None
+    tracker = start_trial(job.run_dir, job.search_name, job.number, job.params,
+                          job.tracking) if rank == 0 else None
     node = ray.get_runtime_context().get_node_id()
-    settings, output_dir, remote = job["settings"], job["output_dir"], job.get("remote")
+    settings, output_dir, remote = job.settings, job.output_dir, job.remote
 
     def report(metrics: dict) -> None:
         if tracker is not None:
             tracker.log_round(metrics)
         if remote is not None:   # the round's checkpoint (and, after the last, the adapter) is on disk now
-            mirror_round(remote, output_dir, job["number"])
-        stop = ray.get(pool.put_report.remote(job["number"], {**metrics, NODE_KEY: node},
-                                              job.get("attempt"))) if rank == 0 else False
+            mirror_round(remote, output_dir, job.number)
+        stop = ray.get(pool.put_report.remote(job.number, {**metrics, NODE_KEY: node},
+                                              job.attempt)) if rank == 0 else False
         if all_reduce([float(stop)], op="max")[0]:   # every rank stops at the same round
             raise TrialStopped()
 
     if remote is not None:
-        restore_from_store(remote, output_dir, job["number"])
+        restore_from_store(remote, output_dir, job.number)
     state, error = "FAIL", None
     try:
         # a retried trial, or one whose driver died, goes on from its last finished round
@@ -359,11 +359,11 @@ def serve_packed(config: Dict[str, Any]) -> None:
     report's Packing section."""
     import ray
 
-    from search.store.packing_file import record_measured
     from search.run.tracking import start_trial
+    from search.store.packing_file import record_measured
     from trainers.memory_guard import host_memory_cap
-    from trainers.packing.probe import StepMeter
     from trainers.packing.pack import Pack
+    from trainers.packing.probe import StepMeter
 
     pool, group, size = config["pool"], config["group"], config["pack"]
     node = ray.get_runtime_context().get_node_id()
@@ -372,8 +372,8 @@ def serve_packed(config: Dict[str, Any]) -> None:
     def leave(number, state, error=None):
         pack.remove(number)
         trackers.pop(number).finish({}, state)
-        record_measured(jobs[number]["run_dir"], config["name"], group, meter)
-        ray.get(pool.finish.remote(group, number, error, jobs[number].get("attempt")))
+        record_measured(jobs[number].run_dir, config["name"], group, meter)
+        ray.get(pool.finish.remote(group, number, error, jobs[number].attempt))
         jobs.pop(number)
 
     while True:
@@ -386,19 +386,19 @@ def serve_packed(config: Dict[str, Any]) -> None:
                 return
             if job == NO_TRIAL:
                 break
-            number = job["number"]
+            number = job.number
             if pack is None:
-                pack = Pack(bases.get(job["settings"]))
+                pack = Pack(bases.get(job.settings))
                 meter = meter or StepMeter(pack.device)
             try:
-                pack.add(number, job["settings"])
+                pack.add(number, job.settings)
             except ValueError as exc:
-                ray.get(pool.finish.remote(group, number, str(exc), job.get("attempt")))
+                ray.get(pool.finish.remote(group, number, str(exc), job.attempt))
                 continue
             jobs[number] = job
-            trackers[number] = start_trial(job["run_dir"], job["search_name"], number, job["params"], job["tracking"])
+            trackers[number] = start_trial(job.run_dir, job.search_name, number, job.params, job.tracking)
         try:
-            with host_memory_cap(jobs[next(iter(jobs))]["settings"].engine.host_memory_mb):
+            with host_memory_cap(jobs[next(iter(jobs))].settings.engine.host_memory_mb):
                 result = meter.step(pack)
         except MemoryError as exc:   # the pack as a whole outgrew the host: every member fails with it
             members = list(jobs)
@@ -413,15 +413,15 @@ def serve_packed(config: Dict[str, Any]) -> None:
             metrics = pack.evaluate(number)
             finished = pack.members[number].finished
             if finished:
-                metrics.update(pack.save(number, jobs[number]["output_dir"], metrics))
-                if jobs[number].get("remote") is not None:   # one worker: no collective to keep in step
-                    problem = _transfer_problem(jobs[number]["remote"].upload_trial, jobs[number]["output_dir"],
+                metrics.update(pack.save(number, jobs[number].output_dir, metrics))
+                if jobs[number].remote is not None:   # one worker: no collective to keep in step
+                    problem = _transfer_problem(jobs[number].remote.upload_trial, jobs[number].output_dir,
                                                 number)
                     if problem:
                         leave(number, "FAIL", problem)
                         continue
             trackers[number].log_round(metrics)
-            stop = ray.get(pool.put_report.remote(number, {**metrics, NODE_KEY: node}, jobs[number].get("attempt")))
+            stop = ray.get(pool.put_report.remote(number, {**metrics, NODE_KEY: node}, jobs[number].attempt))
             if finished or stop:
                 leave(number, "COMPLETE" if finished else "PRUNED")
         if not jobs:
@@ -473,7 +473,8 @@ def _freeze_what_lives_on(settings) -> None:
     """Move every object alive now (the libraries, the base) out of the cycle collector's sight.
 
     Each trial ends with gc.collect() to free its engine at once, and a full collection walks every tracked
-    object: with torch, transformers, PEFT and DeepSpeed loaded, that is most of a short trial's overhead. Frozen, they are skipped; a collection then walks only what trials made.
+    object: with torch, transformers, PEFT and DeepSpeed loaded, that is most of a short trial's overhead.
+    Frozen, they are skipped; a collection then walks only what trials made.
     The trial-time libraries are imported first so that their objects are frozen too."""
     import peft  # noqa: F401
 

@@ -10,8 +10,8 @@ from typing import Sequence, Union
 
 from ray.tune import Callback
 
-from search.store.results import is_number
 from search.store.keys import FAIL_REASON_KEY, ROUNDS_TOTAL_KEY, TRIAL_NUMBER_KEY
+from search.numbers import is_number, show_number
 
 HEARTBEAT_S = 60.0
 
@@ -47,7 +47,7 @@ class ProgressLines(Callback):
         if outcome == "complete" and is_number(value):
             if self.best is None or (value > self.best if self.mode == "max" else value < self.best):
                 self.best = value
-        values = ", ".join(f"{name}={_fmt(result.get(name))}" for name in self.metrics)
+        values = ", ".join(f"{name}={show_number(result.get(name))}" for name in self.metrics)
         self._trial_line(trials, trial, f"{outcome} after round {result.get('round')}: {values}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -70,11 +70,7 @@ class ProgressLines(Callback):
         left = f"~{elapsed / done * (self.total - done):.0f}s left" if done else "time left unknown yet"
         kinds = ", ".join(f"{n} {k}" for k, n in self.counts.items() if n)
         return (f"{done}/{self.total} done{f' ({kinds})' if kinds else ''}, {self.running} running, "
-                f"best {self.metrics[0]}={_fmt(self.best)}, {elapsed:.0f}s elapsed, {left}")
-
-
-def _fmt(value) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
+                f"best {self.metrics[0]}={show_number(self.best)}, {elapsed:.0f}s elapsed, {left}")
 
 
 class CancelEndedTrials(Callback):

@@ -7,10 +7,26 @@ the function answers each report with GO_ON or STOP; a group asking for work get
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
 
 REPORT, END = "report", "end"
 NO_TRIAL, CLOSED = "no trial", "closed"
 GO_ON, STOP = "go on", "stop"
+
+
+@dataclass(frozen=True)
+class TrialJob:
+    """One trial as the trial function hands it to a worker group (search/run/trial.py -> search/run/pool.py)."""
+    number: int                  # the Optuna trial number
+    settings: Any                # trainers.settings.TrialSettings
+    output_dir: str              # the trial's directory in the run directory
+    run_dir: str
+    search_name: str
+    params: Dict[str, Any]       # the sampled settings as the user reads them (W&B's config)
+    tracking: Any                # the spec's tracking section
+    remote: Optional[Any]        # search.store.remote.RemoteRun: the run's copy on shared storage, or None
+    attempt: int = 0             # 0, then 1, 2, ... each time it runs again after its workers were lost
 
 
 # How Ray 2.60 says that a trial's workers were lost (the process killed, its node gone or cut off): worth a

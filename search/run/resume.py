@@ -23,8 +23,8 @@ from typing import Dict, List
 from optuna.distributions import distribution_to_json
 from optuna.trial import TrialState
 
-from search.store.rundir import RunDirError
 from search.store.keys import FAIL_REASON_KEY, FAILED_ON_KEY, INFRASTRUCTURE, INFRASTRUCTURE_RERUNS_ATTR
+from search.store.rundir import RunDirError
 
 SPACE_ATTR, OBJECTIVE_ATTR = "space", "objective"
 LOCK_FILE = "driver.lock"
@@ -52,7 +52,8 @@ def record_or_check(study, spec) -> None:
         return
     problems = []
     if stored[SPACE_ATTR] != current[SPACE_ATTR]:
-        problems.append(f"space: differs from the space the search started with ({_space_change(stored[SPACE_ATTR], current[SPACE_ATTR])})")
+        change = _space_change(stored[SPACE_ATTR], current[SPACE_ATTR])
+        problems.append(f"space: differs from the space the search started with ({change})")
     if stored[OBJECTIVE_ATTR] != current[OBJECTIVE_ATTR]:
         problems.append(f"objective: differs from the one the search started with "
                         f"(was {stored[OBJECTIVE_ATTR]}, now {current[OBJECTIVE_ATTR]})")
@@ -167,9 +168,9 @@ def load_run_spec(run_dir: str, embedded: bool = True):
     hold taken from the environment."""
     from dataclasses import replace
 
+    from search.spec.validate import check_file
     from search.store.rundir import SPEC_FILE, read_summary
     from search.store.storage import REDACTED, StorageError, saved_storage
-    from search.spec.validate import check_file
 
     try:
         read_summary(run_dir)

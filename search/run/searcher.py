@@ -17,11 +17,12 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
-from search.spec.redact import secret_free_dumps
-from search.store.results import SYSTEM_COLUMNS, is_number
-from search.store.keys import FAIL_REASON_KEY, ROUNDS_TOTAL_KEY, TRIAL_NUMBER_KEY  # noqa: F401 (also read from here)
-from search.store.keys import DIAG_PREFIX, FAILED_ON_KEY, NODE_KEY, NODES_ATTR, RETRIES_KEY, STOPPED_EARLY_KEY
 from search.refine.sampler import RefinedSampler
+from search.spec.redact import secret_free_dumps
+from search.store.keys import (DIAG_PREFIX, FAIL_REASON_KEY, FAILED_ON_KEY,  # noqa: F401 (also read from here)
+                               NODE_KEY, NODES_ATTR, RETRIES_KEY, ROUNDS_TOTAL_KEY, STOPPED_EARLY_KEY, TRIAL_NUMBER_KEY)
+from search.numbers import is_number
+from search.store.results import SYSTEM_COLUMNS
 
 if TYPE_CHECKING:
     from search.refine.refiner import Refiner
@@ -93,7 +94,10 @@ class PeftOptunaSearch(OptunaSearch):
     With a `refiner` (search/refine/refiner.py), the space is refined in the same study every
     `refine_every` finished trials; the sampler is then wrapped in a RefinedSampler.
     `resume`: numbers of the study's interrupted (RUNNING) trials; the first suggestions hand them out
-    again, same Optuna trial and parameters, before new trials are asked for (search/run/resume.py)."""
+    again, same Optuna trial and parameters, before new trials are asked for (search/run/resume.py).
+    Each Optuna trial also keeps what the cluster did to it (search/store/keys.py): the nodes its rank 0 ran
+    on (`nodes`), its retries after lost workers (`retries`), and, on a trial that the cluster alone failed,
+    `failed_on: infrastructure` (`peft-search resume` runs such a trial again)."""
 
     def __init__(self, *args, decode: Callable[[dict], dict], refiner: Optional["Refiner"] = None,
                  resume: Sequence[int] = (), **kwargs):
@@ -103,6 +107,7 @@ class PeftOptunaSearch(OptunaSearch):
         super().__init__(*args, **kwargs)
         self._decode = decode
         self._last_results: Dict[str, dict] = {}
+        self._cluster_seen: Dict[str, dict] = {}   # trial id -> what was stored of the cluster's doing, once each
         self._refiner = refiner
         self._resume = self._storage_ids(resume) if resume else []   # handed out in this order
         if refiner is not None:
@@ -151,6 +156,7 @@ class PeftOptunaSearch(OptunaSearch):
         return {**params, TRIAL_NUMBER_KEY: ot_trial.number}
 
     def on_trial_result(self, trial_id: str, result: Dict):
+        self._record_cluster(trial_id, result)
         self._last_results[trial_id] = result
         metric = result.get(self.metric) if isinstance(self.metric, str) else None
         if is_number(metric) and trial_id not in self._completed_trials:  # a failure report carries no metric
@@ -162,6 +168,7 @@ class PeftOptunaSearch(OptunaSearch):
             return
         ot_trial = self._ot_trials[trial_id]
         last = result or self._last_results.pop(trial_id, None) or {}
+        self._record_cluster(trial_id, last)
         for key, value in last.items():
             if _stored_on_trial(key, value):
                 ot_trial.set_user_attr(key, value)
@@ -175,42 +182,6 @@ class PeftOptunaSearch(OptunaSearch):
         self._completed_trials.add(trial_id)
         if self._refiner is not None:
             self._refine()
-
-    def _refine(self) -> None:
-        try:
-            self._refiner.maybe_refine(self._ot_study)
-        except Exception:  # a failed analysis must not end a search that can go on in its current region
-            log.warning("refinement skipped: the sensitivity analysis failed", exc_info=True)
-
-    def _final_state(self, last: dict, error: bool):
-        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
-        values = [last.get(name) for name in metrics]
-        if error or last.get(FAIL_REASON_KEY):
-            return TrialState.FAIL, None
-        if not all(is_number(v) for v in values):
-            return TrialState.FAIL, None
-        rounds_total = last.get(ROUNDS_TOTAL_KEY)
-        if rounds_total is not None and last.get("round", rounds_total) < rounds_total:
-            return TrialState.PRUNED, None
-        return TrialState.COMPLETE, values if len(values) > 1 else values[0]
-
-
-class ClusterAwareSearch(PeftOptunaSearch):
-    """The searcher, also storing on each Optuna trial what the cluster did to it (search/store/keys.py): the
-    nodes its rank 0 ran on (`nodes`), its retries after lost workers (`retries`), and, on a trial that the
-    cluster alone failed, `failed_on: infrastructure` (`peft-search resume` runs such a trial again)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._cluster_seen: dict = {}   # trial id -> what was stored of the above, to store each change once
-
-    def on_trial_result(self, trial_id: str, result: dict):
-        self._record_cluster(trial_id, result)
-        super().on_trial_result(trial_id, result)
-
-    def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False):
-        self._record_cluster(trial_id, result or self._last_results.get(trial_id) or {})
-        super().on_trial_complete(trial_id, result, error)
 
     def _record_cluster(self, trial_id: str, result: dict) -> None:
         ot_trial = self._ot_trials.get(trial_id)
@@ -229,3 +200,21 @@ class ClusterAwareSearch(PeftOptunaSearch):
             if value and seen.get(key) != value:
                 seen[key] = value
                 ot_trial.set_user_attr(key, value)
+
+    def _refine(self) -> None:
+        try:
+            self._refiner.maybe_refine(self._ot_study)
+        except Exception:  # a failed analysis must not end a search that can go on in its current region
+            log.warning("refinement skipped: the sensitivity analysis failed", exc_info=True)
+
+    def _final_state(self, last: dict, error: bool):
+        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+        values = [last.get(name) for name in metrics]
+        if error or last.get(FAIL_REASON_KEY):
+            return TrialState.FAIL, None
+        if not all(is_number(v) for v in values):
+            return TrialState.FAIL, None
+        rounds_total = last.get(ROUNDS_TOTAL_KEY)
+        if rounds_total is not None and last.get("round", rounds_total) < rounds_total:
+            return TrialState.PRUNED, None
+        return TrialState.COMPLETE, values if len(values) > 1 else values[0]

@@ -9,12 +9,13 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, Optional
 
-from search.run.protocol import END, worker_lost
-from search.store.rundir import SETTINGS_FILE, trial_dir, write_settings
-from search.store.remote import RemoteRun, one_line, trial_parts
+from search.run.protocol import END, TrialJob, worker_lost
 from search.store.keys import FAIL_REASON_KEY, FAILED_ON_KEY, INFRASTRUCTURE, RETRIES_KEY, TRIAL_NUMBER_KEY
+from search.store.remote import one_line, trial_parts
+from search.store.rundir import SETTINGS_FILE, RunPlace, write_settings
 
-def tune_trial(config: Dict[str, Any], spec, run_dir: str, threads_per_worker: int, pool) -> None:
+
+def tune_trial(config: Dict[str, Any], spec, place: RunPlace, threads_per_worker: int, pool) -> None:
     """The Tune trainable: builds the trial's settings, has a worker group of `pool` (search/run/pool.py) run
     them, and passes its reports on to Tune. A trial whose workers were lost (killed, their node gone) runs
     again from its last checkpoint on a group that works, up to `search.max_failures` times."""
@@ -26,18 +27,18 @@ def tune_trial(config: Dict[str, Any], spec, run_dir: str, threads_per_worker: i
     params = {k: v for k, v in config.items() if k != TRIAL_NUMBER_KEY}
     settings = spec.trial_settings(params)
     settings = replace(settings, engine=replace(settings.engine, num_threads=threads_per_worker))
-    output_dir = trial_dir(run_dir, number)
+    output_dir = place.trial_dir(number)
     os.makedirs(output_dir, exist_ok=True)
     write_settings(settings, output_dir)  # best/ copies it; the report's reproduce command reads it
-    remote = RemoteRun.of(spec.resources.storage_path, spec.name)
+    remote = place.remote
     if remote is not None:   # this function's node need not be the worker's, whose uploads have the rest
         remote.upload(os.path.join(output_dir, SETTINGS_FILE), *trial_parts(number, SETTINGS_FILE))
-    job = {"settings": settings, "output_dir": output_dir, "run_dir": run_dir, "number": number,
-           "search_name": spec.name, "params": spec.decode(params), "tracking": spec.tracking, "remote": remote}
+    job = TrialJob(number=number, settings=settings, output_dir=output_dir, run_dir=place.run_dir,
+                   search_name=place.name, params=spec.decode(params), tracking=spec.tracking, remote=remote)
     retries = spec.search.max_failures
     for attempt in range(retries + 1):
         try:
-            reason = _run_attempt(pool, {**job, "attempt": attempt}, tune.report)
+            reason = _run_attempt(pool, replace(job, attempt=attempt), tune.report)
         except PoolLost as exc:   # nothing can run the trial now; a resumed search runs it again
             reason, lost, attempt_left = str(exc), True, False
         else:
@@ -58,12 +59,12 @@ class PoolLost(RuntimeError):
     """The search's TrialPool actor is gone (its node lost): no trial of this driver can run any more."""
 
 
-def _run_attempt(pool, job: Dict[str, Any], report) -> Optional[str]:
+def _run_attempt(pool, job: TrialJob, report) -> Optional[str]:
     """Run the trial once on a group of `pool`, passing each report to `report`; its failure reason, or None
     when it finished or Tune stopped it."""
     import ray
 
-    number, attempt = job["number"], job["attempt"]
+    number, attempt = job.number, job.attempt
 
     def ask(call):
         try:

@@ -11,8 +11,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from search.spec.fields import Section, SpecError, show, unknown_key
 from spaces.kinds import Kind, KindError, RatioTo
-from spaces.syntax import parse_kind
 from spaces.methods import TRAINING_PARAMS, Method, Param, get_method, method_names, params_for
+from spaces.syntax import parse_kind
 
 
 @dataclass(frozen=True)

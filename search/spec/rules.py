@@ -9,9 +9,9 @@ from dataclasses import fields, replace
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from search.spec.params import conflict_problems, pair_problems, parse_peft, parse_space
-from search.spec.sections import (DEFAULT_METRIC, SYSTEM_METRICS, SYSTEM_MODES, TASK_METRICS,
-                                  DataSection, ModelSection, ObjectiveSection, ResourcesSection, SearchSection,
-                                  TrackingSection, TrainingSection, name_problems, storage_problems)
+from search.spec.sections import (DEFAULT_METRIC, SYSTEM_METRICS, SYSTEM_MODES, TASK_METRICS, DataSection, ModelSection,
+                                  ObjectiveSection, ResourcesSection, SearchSection, TrackingSection, TrainingSection,
+                                  name_problems, storage_problems)
 from spaces.kinds import RatioTo
 from spaces.methods import get_method
 

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Mapping
 
 from search.spec.fields import SpecError, show, unknown_key
-from search.store.storage import is_secret_key
 from search.spec.params import PeftSection, display_name, fixed_values, merge_values
 from search.spec.sections import (DataSection, ModelSection, ObjectiveSection, ResourcesSection, SearchSection,
                                   TrackingSection, TrainingSection, redact_url)
+from search.store.storage import is_secret_key
 from spaces.kinds import Kind
 from spaces.methods import get_method, params_for
 from trainers.records import is_local_source

@@ -1,4 +1,5 @@
-"""Keys a trial's config, results and stored attributes carry between the Tune trial function, the worker groups and the searcher.
+"""Keys a trial's config, results and stored attributes carry between the Tune trial function, the worker groups
+and the searcher.
 
 Here, not in search/run/searcher.py, so that the trial function's and the workers' processes need not import Optuna
 to read them (Optuna's import is a large part of a process's start)."""

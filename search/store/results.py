@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import math
-import numbers
 import os
 import statistics
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -16,6 +15,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from search.numbers import is_number
 from search.store.keys import DIAG_PREFIX, STOPPED_EARLY_KEY
 from search.store.storage import STUDY_NAME
 
@@ -92,11 +92,6 @@ def _cell(value):
     if isinstance(value, float):
         return f"{value:.6g}"
     return value
-
-
-def is_number(value) -> bool:
-    """A finite number (numpy's included), not a bool: the one test of whether a value can be computed with."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
 
 
 def best_row(rows: List[Dict[str, object]], metric: str, mode: str) -> Optional[Dict[str, object]]:

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import yaml
 
 from search.store.remote import KEY, RemoteRun, RemoteStorageError
-from search.store.storage import StorageError, check_storage, redact_url, study_name
+from search.store.storage import StorageError, check_storage, open_storage, redact_url, study_name
 
 SPEC_FILE = "spec.yaml"
 SUMMARY_FILE = "search.json"
@@ -18,21 +19,47 @@ class RunDirError(ValueError):
     """The run directory cannot be used as asked (e.g. it already holds a search)."""
 
 
-def prepare_run_dir(spec, runs_dir: str, resume: bool = False) -> Tuple[str, dict]:
-    """(RUNS_DIR/<name>, made if needed, search.json's content); a directory that holds a search already is
-    only taken with `resume`. Nothing is written in it yet."""
-    run_dir = os.path.abspath(os.path.join(runs_dir, spec.name))
+@dataclass(frozen=True)
+class RunPlace:
+    """Where one search lives, resolved once from its spec (search/run/driver.py's run_search) and handed
+    down: its run directory, its Optuna study in its storage, and its copy on shared storage, if any."""
+    name: str                     # the search's name
+    run_dir: str                  # RUNS_DIR/<name>, absolute
+    storage: str                  # the spec's storage: "sqlite" (a file in the run directory) or a database URL
+    study: str                    # the Optuna study's name in that storage
+    remote: Optional[RemoteRun]   # the run's copy under resources.storage_path, where one is set
+
+    @classmethod
+    def of(cls, spec, runs_dir: str) -> "RunPlace":
+        return cls(name=spec.name, run_dir=os.path.abspath(os.path.join(runs_dir, spec.name)), storage=spec.storage,
+                   study=study_name(spec.storage, spec.name),
+                   remote=RemoteRun.of(spec.resources.storage_path, spec.name))
+
+    def open_storage(self):
+        return open_storage(self.storage, self.run_dir)
+
+    def trial_dir(self, number: int) -> str:
+        return trial_dir(self.run_dir, number)
+
+    def ray_storage(self) -> Tuple[str, object]:
+        """Ray's state: RUN_DIR/ray, or <storage_path>/<name>/ray where every node (and a later driver) finds it."""
+        return self.remote.ray_storage() if self.remote else (os.path.join(self.run_dir, "ray"), None)
+
+
+def prepare_run_dir(spec, place: RunPlace, resume: bool = False) -> dict:
+    """Makes the run directory if needed and returns search.json's content; a directory that holds a search
+    already is only taken with `resume`. Nothing is written in it yet."""
+    run_dir = place.run_dir
     holds_search = os.path.exists(os.path.join(run_dir, SUMMARY_FILE))
     if holds_search and not resume:
         raise RunDirError(f"{run_dir} already holds a search; continue it with `peft-search resume {run_dir}`, "
                           f"or choose another `name` or --runs-dir")
     # before the directory or Ray exist: an unreachable database, or SQLite on NFS, ends here with one line;
     # a new search must not land in a study that another search holds
-    name = None if holds_search else study_name(spec.storage, spec.name)
-    problem = check_storage(spec.storage, run_dir, search_name=name)
+    problem = check_storage(place.storage, run_dir, search_name=None if holds_search else place.study)
     if problem:
         raise StorageError(problem)
-    remote = RemoteRun.of(spec.resources.storage_path, spec.name)
+    remote = place.remote
     if remote is not None and not holds_search and remote.exists(SUMMARY_FILE):
         # another search of this name (another driver's run directory) wrote there: its trials would mix in
         raise RemoteStorageError(f"{KEY}: {remote.url()} already holds a search named {spec.name!r}; "
@@ -44,7 +71,7 @@ def prepare_run_dir(spec, runs_dir: str, resume: bool = False) -> Tuple[str, dic
         os.makedirs(run_dir, exist_ok=True)
     except OSError as exc:   # a file where a directory should be, no permission: the user's to fix, no crash
         raise RunDirError(f"cannot create the run directory {run_dir}: {exc.strerror or exc}") from exc
-    return run_dir, summary
+    return summary
 
 
 def write_run_files(spec, run_dir: str, summary: dict) -> None:

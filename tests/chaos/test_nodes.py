@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "cluster"))
 
 from multinode_cluster import REPO, LocalCluster, driver, kill, trials, write_spec  # noqa: E402
+
 from search.store.keys import FAILED_ON_KEY, INFRASTRUCTURE_RERUNS_ATTR, NODES_ATTR, RETRIES_KEY  # noqa: E402
 from trainers.tiny_models import build_tiny_classifier, make_learnable_classification_data  # noqa: E402
 

@@ -25,9 +25,8 @@ class LocalCluster:
     """Head and worker nodes of one Ray cluster, started here; `shutdown` stops whatever is left of them."""
 
     def __init__(self, head_cpus: int, worker_cpus: int, workers: int = 1):
-        from ray.cluster_utils import Cluster
-
         from ray._private.utils import read_ray_address
+        from ray.cluster_utils import Cluster
 
         self.worker_cpus = worker_cpus
         # Ray records the head's address for a bare `ray.init()` on this machine; put back as found at shutdown

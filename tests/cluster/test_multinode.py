@@ -13,9 +13,9 @@ machine's disk, which both nodes see (on a real cluster: `resources.storage_path
 import csv
 
 import pytest
+from multinode_cluster import LocalCluster, checkpointed_rounds, driver, kill, trials, wait_for, write_spec
 from optuna.trial import TrialState
 
-from multinode_cluster import LocalCluster, checkpointed_rounds, driver, kill, trials, wait_for, write_spec
 from search.store.keys import FAILED_ON_KEY, NODES_ATTR, RETRIES_KEY
 from trainers.tiny_models import build_tiny_classifier, make_learnable_classification_data
 

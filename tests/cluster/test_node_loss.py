@@ -1,9 +1,10 @@
 """A lost node or worker against a failure of the trial's own, without a cluster: the texts Ray 2.60 reports a
 node loss with, the trial function's retries and its `failed_on: infrastructure` mark, what the searcher stores
 of them, the pool's hand-over when a group is lost, and `resume` running the trials the cluster alone failed
-(search/run/trial.py, search/run/pool.py, search/run/driver.py, search/run/resume.py). tests/cluster/test_multinode.py loses
-real nodes."""
+(search/run/trial.py, search/run/pool.py, search/run/driver.py, search/run/resume.py).
+tests/cluster/test_multinode.py loses real nodes."""
 import threading
+from dataclasses import replace
 
 import optuna
 import pytest
@@ -11,16 +12,16 @@ import ray
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
-from search.run.driver import ClusterAwareSearch, open_study
-from search.run.protocol import CLOSED, END, REPORT
+from search.run.driver import open_study
 from search.run.pool import TrialPool
+from search.run.protocol import CLOSED, END, REPORT, TrialJob, failure_reason, lost_to_infrastructure, worker_lost
 from search.run.resume import infrastructure_failures, plan
-from search.run.searcher import TRIAL_NUMBER_KEY, make_sampler
-from search.spec.search_spec import parse_spec
-from search.run.protocol import failure_reason, lost_to_infrastructure, worker_lost
+from search.run.searcher import TRIAL_NUMBER_KEY, PeftOptunaSearch, make_sampler
 from search.run.trial import tune_trial
-from search.store.keys import (FAIL_REASON_KEY, FAILED_ON_KEY, INFRASTRUCTURE, INFRASTRUCTURE_RERUNS_ATTR,
-                               NODE_KEY, NODES_ATTR, RETRIES_KEY)
+from search.spec.search_spec import parse_spec
+from search.store.keys import (FAIL_REASON_KEY, FAILED_ON_KEY, INFRASTRUCTURE, INFRASTRUCTURE_RERUNS_ATTR, NODE_KEY,
+                               NODES_ATTR, RETRIES_KEY)
+from search.store.rundir import RunPlace
 
 # As Ray 2.60 reported them here (a cluster as tests/cluster/test_multinode.py's, a node lost under a running
 # actor): first while the node's processes are gone but the node is not yet marked dead, then after.
@@ -99,6 +100,16 @@ class _Call:
         self.remote = lambda *args: (lambda: function(*args))
 
 
+
+def place_in(spec, run_dir) -> RunPlace:
+    """The spec's place, with `run_dir` as its run directory."""
+    return replace(RunPlace.of(spec, "."), run_dir=str(run_dir))
+
+
+def job(number: int, attempt: int = 0) -> TrialJob:
+    return TrialJob(number=number, settings=None, output_dir="", run_dir="", search_name="t", params={},
+                    tracking=None, remote=None, attempt=attempt)
+
 class ScriptedPool:
     """A pool whose every run of a trial goes as `runs` says: a list per run of ("report", metrics), then
     ("end", reason or None); ("lost", exc) makes the pool's answer raise `exc`, as Ray does for a lost actor."""
@@ -110,7 +121,7 @@ class ScriptedPool:
         self.cancel = _Call(lambda number: None)
 
     def _submit(self, number, job):
-        self.submitted.append(job["attempt"])
+        self.submitted.append(job.attempt)
         self.events = list(self.runs.pop(0))
 
     def _next(self, number):
@@ -134,7 +145,8 @@ def _run_trial(tmp_path, monkeypatch, runs, max_failures=2):
     monkeypatch.setattr(ray, "get", lambda thunk: thunk())
     monkeypatch.setattr("ray.tune.report", lambda metrics: reports.append(dict(metrics)))
     pool = ScriptedPool(runs)
-    tune_trial({TRIAL_NUMBER_KEY: 3, "r": 4}, _spec(max_failures), str(tmp_path), 1, pool)
+    spec = _spec(max_failures)
+    tune_trial({TRIAL_NUMBER_KEY: 3, "r": 4}, spec, place_in(spec, tmp_path), 1, pool)
     return reports, pool.submitted
 
 
@@ -195,13 +207,13 @@ def test_a_take_left_waiting_by_a_lost_group_gives_way_and_leaves_the_trial_to_a
         pool.gone.add(0)
     thread.join(2)
     assert waiting["job"] == CLOSED
-    pool.submit(5, {"number": 5, "attempt": 0})
+    pool.submit(5, job(5))
     assert pool.take(0) == CLOSED           # a late call of the lost group takes nothing
-    assert pool.take(1)["number"] == 5
+    assert pool.take(1).number == 5
 
 
 def test_a_rank0_lost_while_it_waited_at_a_report_is_let_go_and_an_earlier_run_cannot_report(pool):
-    pool.submit(2, {"number": 2, "attempt": 0})
+    pool.submit(2, job(2, attempt=0))
     pool.take(0)
     answer = {}
     thread = threading.Thread(target=lambda: answer.setdefault("stop", pool.put_report(2, {"round": 1}, 0)),
@@ -215,7 +227,7 @@ def test_a_rank0_lost_while_it_waited_at_a_report_is_let_go_and_an_earlier_run_c
     thread.join(2)
     assert answer["stop"] is True           # the pool's thread is free again
     assert pool.next_report(2)[0] == END
-    pool.submit(2, {"number": 2, "attempt": 1})   # the retry
+    pool.submit(2, job(2, attempt=1))   # the retry
     assert pool.put_report(2, {"round": 1}, 0) is True   # a report of the lost run: told to stop, not delivered
     pool.finish(0, 2, "late", 0)
     assert pool.mailboxes[2].reports.empty()
@@ -225,10 +237,10 @@ def test_a_rank0_lost_while_it_waited_at_a_report_is_let_go_and_an_earlier_run_c
 
 
 def _searcher(tmp_path, resume=()):
-    return ClusterAwareSearch(space={"x": FloatDistribution(0.0, 1.0)}, metric="eval_accuracy", mode="max",
-                              sampler=make_sampler("tpe", 0), study_name="peft-search",
-                              storage=optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/study.sqlite3"),
-                              decode=dict, resume=resume)
+    return PeftOptunaSearch(space={"x": FloatDistribution(0.0, 1.0)}, metric="eval_accuracy", mode="max",
+                            sampler=make_sampler("tpe", 0), study_name="peft-search",
+                            storage=optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/study.sqlite3"),
+                            decode=dict, resume=resume)
 
 
 def _result(round_, value=0.5, **extra):
@@ -270,7 +282,7 @@ def test_resume_runs_a_trial_the_cluster_failed_again_under_its_number_and_keeps
         "space": {"r": [4, 8]}, "objective": {"metric": "eval_accuracy", "mode": "max"},
         "search": {"trials": 5},
     }, base_dir=".", check_files=False, check_model=False)
-    study = open_study(spec, str(tmp_path), resume=True)
+    study = open_study(spec, place_in(spec, tmp_path), resume=True)
     todo = plan(study, spec.search.trials)
     assert (todo.finished, todo.interrupted, todo.new) == (2, [1, 3], 1)
     trials = study.get_trials()

@@ -18,15 +18,13 @@ import itertools
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Dict, List, NamedTuple
 
 import pytest
 import yaml
 
-from cluster.local import free_port
+from ranks import run_ranks
 from search.spec.sections import DeepSpeedSection
 from search.spec.validate import validate_file
 from spaces.methods import method_names
@@ -41,7 +39,6 @@ pytestmark = pytest.mark.slow
 HERE = Path(__file__).parent
 WORKER = HERE / "matrix_worker.py"
 VERDICTS = HERE / "verdicts.txt"
-REPO = HERE.parents[1]
 _STAGES = DeepSpeedSection.__dataclass_fields__["zero_stage"].metadata   # the ZeRO stages the spec accepts
 ENGINES = ("plain",) + tuple(f"zero{stage}" for stage in range(int(_STAGES["low"]), int(_STAGES["high"]) + 1))
 WORKERS = (1, 2)
@@ -121,21 +118,8 @@ def run_group(jobs: List[dict], world_size: int, out: Path) -> Dict[int, dict]:
     pending = list(jobs)
     while pending:
         (out / "jobs.json").write_text(json.dumps(pending))
-        port, processes = free_port(), []
-        for rank in range(world_size):
-            env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                   "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank), "DS_ACCELERATOR": "cpu",
-                   "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
-                   "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-            processes.append(subprocess.Popen([sys.executable, str(WORKER), str(out / "jobs.json"), str(out)],
-                                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-        tails = []
-        for process in processes:
-            try:
-                tails.append(process.communicate(timeout=900)[0][-3000:])
-            except subprocess.TimeoutExpired:
-                process.kill()
-                tails.append(process.communicate()[0][-3000:] + "\n(killed: timed out)")
+        ends = run_ranks([WORKER, out / "jobs.json", out], world_size, timeout=900, env={"OMP_NUM_THREADS": "1"})
+        tails = [end.output[-3000:] for end in ends]
         for position, job in enumerate(pending):
             found = [json.loads(path.read_text()) for path in sorted(out.glob(f"result-*-{job['index']}.json"))]
             failed = [result for result in found if "error" in result]

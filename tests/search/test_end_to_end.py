@@ -10,10 +10,10 @@ import sys
 import pytest
 import torch
 import yaml
-
-from search.cli import main as cli_main
 from test_cli import cli
 from test_security import ENV_API_KEY, SECRETS, SPEC_API_KEY, files_holding
+
+from search.cli import main as cli_main
 from trainers.tiny_models import build_tiny_classifier, make_learnable_classification_data
 
 pytestmark = pytest.mark.slow

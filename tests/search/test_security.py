@@ -192,7 +192,8 @@ def test_every_torch_load_in_the_code_base_is_weights_only():
 
 
 def _settings(world, deepspeed=False, stage=2):
-    from trainers.settings import DataSettings, EngineSettings, ModelSettings, PeftSettings, TrainingSettings, TrialSettings
+    from trainers.settings import (DataSettings, EngineSettings, ModelSettings, PeftSettings, TrainingSettings,
+                                   TrialSettings)
 
     return TrialSettings(
         model=ModelSettings(world["model"], task="sequence-classification"),
@@ -354,7 +355,7 @@ def offline_wandb(monkeypatch, tmp_path):
         if key.startswith("WANDB_"):
             monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("WANDB_API_KEY", ENV_API_KEY)
-    # as tests/search/test_tracking.py sets it up: W&B's service process outlives a test, with this environment
+    # as tests/search/run/test_tracking.py sets it up: W&B's service process outlives a test, with this environment
     for key, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONSOLE": "off",
                        "WANDB_DISABLE_GIT": "true", "WANDB__DISABLE_STATS": "true",
                        "WANDB_BASE_URL": "http://127.0.0.1:9"}.items():   # unreachable, if anything tried
@@ -520,8 +521,8 @@ def test_the_embedded_ray_listens_on_loopback_only():
 def test_run_directory_paths_and_setting_names_are_escaped_in_html():
     """Strings test_report_html.py does not cover: the run directory's path (from --runs-dir) in the reproduce
     command and the adapter line, a searched setting's name in the importances."""
-    from search.report.sections import ReportInput
     from search.report.html import build_html
+    from search.report.sections import ReportInput
     from search.store.results import best_trial, objectives, trial_rows
 
     study = optuna.create_study(direction="maximize")

@@ -1,11 +1,11 @@
 import pytest
 import torch
 from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+from trainers_helpers import skip_refused_prefix_tuning
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from trainers.adapters import build_peft_config, method_params, prefix_tuning_problem
 from trainers.settings import PeftSettings
-from trainers_helpers import skip_refused_prefix_tuning
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,10 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from trainers_helpers import cls_settings
 
 from trainers.checkpoint import CHECKPOINT_SUBDIR
 from trainers.recipe import run_trial
-from trainers_helpers import cls_settings
 
 EVAL_KEYS = ("eval_loss", "eval_accuracy", "eval_f1", "train_loss", "step", "epoch")
 

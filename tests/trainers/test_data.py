@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from trainers.data import (CAUSAL_LM, CLASSIFICATION, IGNORE_INDEX, KEEP, PadCollator, build_data, eval_shard,
@@ -8,8 +9,6 @@ from trainers.data import (CAUSAL_LM, CLASSIFICATION, IGNORE_INDEX, KEEP, PadCol
 from trainers.distributed import DistContext
 from trainers.records import DataError
 from trainers.settings import DataSettings
-
-import torch
 
 
 def _write(path, rows):

@@ -5,25 +5,21 @@ own subprocesses rather than inside the test process. The 2-worker group runs on
 (`two_workers`), and each test reads what it needs from it.
 """
 import json
-import os
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from peft import PeftModel
+from trainers_helpers import BERT_PARAMS, cls_settings, lm_settings
 from transformers import AutoModelForSequenceClassification
 
-from cluster.local import free_port
+from ranks import run_ranks
 from trainers.recipe import run_trial
 from trainers.settings import EngineSettings, PeftSettings
 from trainers.settings_io import settings_to_dict
-from trainers_helpers import BERT_PARAMS, cls_settings, lm_settings
 
 pytest.importorskip("deepspeed")
 WORKER = Path(__file__).with_name("deepspeed_worker.py")
-REPO = Path(__file__).resolve().parents[2]
 # 2 workers at half the batch see, step by step, the same 16 rows as 1 worker (DistributedSampler and the
 # 1-worker RandomSampler draw the same permutation) and average their gradients: the same trajectory up
 # to float summation order. Classification losses are means over rows, so the ranks' mean is the global
@@ -42,21 +38,8 @@ def _run_group(tmp_path, jobs, world_size, cpu=True):
         path = tmp_path / f"job{index}.json"
         path.write_text(json.dumps({"settings": settings_to_dict(settings), **options}))
         paths.append(str(path))
-    port = free_port()
-    processes = []
-    for rank in range(world_size):
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-               "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
-               "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-        if cpu:
-            env.update({"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""})   # the CPU path, also beside a GPU
-        else:
-            env.pop("DS_ACCELERATOR", None)
-        processes.append(subprocess.Popen([sys.executable, str(WORKER), *paths, str(tmp_path)], env=env,
-                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = [process.communicate(timeout=600)[0] for process in processes]
-    for process, output in zip(processes, outputs):
-        assert process.returncode == 0, output[-4000:]
+    for end in run_ranks([WORKER, *paths, tmp_path], world_size, timeout=600, cpu=cpu):
+        assert end.returncode == 0, end.output[-4000:]
     return [json.loads((tmp_path / f"reports-{rank}.json").read_text())["reports"] for rank in range(world_size)]
 
 
@@ -207,13 +190,9 @@ def test_zero3_base_is_partitioned_while_it_loads_and_nf4_is_stored_in_the_compu
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps(settings_to_dict(_ds(settings, 3))))
         paths.append(str(path))
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1",
-           "LOCAL_RANK": "0", "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-c", ZERO3_LOAD_PROBE, *paths], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    found = json.loads(done.stdout.strip().splitlines()[-1])
+    (end,) = run_ranks(["-c", ZERO3_LOAD_PROBE, *paths], 1, timeout=600)
+    assert end.returncode == 0, end.output[-4000:]
+    found = json.loads([line for line in end.output.splitlines() if line.startswith("{")][-1])
     # ZeRO-3 init: the weights arrive partitioned (this rank's data is the empty placeholder)
     assert found["bert"]["partitioned"] and found["bert"]["local_numel"] == 0
     # transformers never ZeRO-3-inits a quantized model; its packed 4-bit weights are stored in the compute

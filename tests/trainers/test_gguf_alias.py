@@ -17,11 +17,11 @@ import threading
 import time
 
 import pytest
+from trainers_helpers import lm_settings
 
 from trainers import gguf_models
 from trainers.gguf_models import CACHE_ENV, SMOLLM2, PackagedModelMissing
 from trainers.hub import MODEL_ALIASES, resolve_model_path
-from trainers_helpers import lm_settings
 
 DIGEST = "ab" * 32
 

@@ -7,12 +7,12 @@ from dataclasses import replace
 
 import pytest
 import torch
+from trainers_helpers import cls_settings, lm_settings
 
 from trainers.errors import TrialFailed
 from trainers.model import load_base
 from trainers.recipe import run_trial
 from trainers.settings import EngineSettings
-from trainers_helpers import cls_settings, lm_settings
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

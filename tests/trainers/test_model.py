@@ -1,13 +1,12 @@
 import pytest
 import torch
+from trainers_helpers import BERT_PARAMS, LLAMA_PARAMS, METHODS
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trainers.adapters import prefix_tuning_problem
 from trainers.kernels import wants_autocast
 from trainers.model import apply_adapter, compute_dtype, load_base, quantization_config, release_adapter
 from trainers.settings import ModelSettings, PeftSettings
-
-from trainers_helpers import BERT_PARAMS, LLAMA_PARAMS, METHODS
 
 
 def _logits(model, tokenizer):

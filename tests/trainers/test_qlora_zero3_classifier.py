@@ -9,22 +9,18 @@ its detection is forced on for that run (no AVX512 instruction runs: the trial n
 repack would fail the run here), so the checks that the 4-bit weights keep their layout run everywhere.
 """
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from cluster.local import free_port
+from ranks import run_ranks
 from trainers.hub import resolve_model_path
 from trainers.settings import DataSettings, EngineSettings, ModelSettings, PeftSettings, TrainingSettings, TrialSettings
 from trainers.settings_io import settings_to_dict
 from trainers.tiny_models import make_learnable_classification_data
 
 pytest.importorskip("bitsandbytes")
-REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 
 # One rank: bitsandbytes' AVX512-BF16 detection answers yes, every 4-bit repacking fails the trial, and Linear4bit
@@ -88,17 +84,8 @@ def two_ranks(tmp_path_factory):
     data = make_learnable_classification_data(str(out / "cls.jsonl"), n=48, seed=0)
     (out / "job.json").write_text(json.dumps({"settings": settings_to_dict(_settings(data))}))
     (out / "rank.py").write_text(RANK)
-    port = free_port()
-    processes = []
-    for rank in range(2):
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-               "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "",
-               "PYTHONPATH": os.pathsep.join([str(REPO), str(HERE), os.environ.get("PYTHONPATH", "")])}
-        processes.append(subprocess.Popen([sys.executable, str(out / "rank.py"), str(out / "job.json"), str(out)],
-                                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = [process.communicate(timeout=300)[0] for process in processes]
-    for process, output in zip(processes, outputs):
-        assert process.returncode == 0, output[-4000:]
+    for end in run_ranks([out / "rank.py", out / "job.json", out], 2, timeout=300, paths=[HERE]):
+        assert end.returncode == 0, end.output[-4000:]
     return {"ranks": [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)],
             "dir": out / "trial0"}
 

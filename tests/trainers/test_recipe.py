@@ -9,12 +9,12 @@ from dataclasses import replace
 import pytest
 import torch
 from peft import PeftModel
+from trainers_helpers import METHODS, cls_settings, lm_settings, skip_refused_prefix_tuning
 
 import trainers.recipe as recipe
 from trainers.errors import TrialFailed
 from trainers.inspect import inspect_model
 from trainers.model import load_base
-from trainers_helpers import METHODS, cls_settings, lm_settings, skip_refused_prefix_tuning
 
 ROUND_KEYS = {"round", "rounds_total", "step", "epoch", "train_loss", "eval_loss", "tokens_per_s", "peak_mem_mb", "train_s",
               "energy_j", "trainable_params"}

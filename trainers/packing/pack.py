@@ -12,7 +12,7 @@ gradient clipping, gradient accumulation), checks its own loss for divergence an
 own rounds (Plan.for_trial, as solo), waits to be evaluated. Members can be removed and added between steps.
 
 With lora_dropout = 0 a member's metrics equal its solo run's (`trainers.recipe.run_trial`, plain engine,
-same settings) up to float rounding (tests/trainers/test_packed.py). With dropout > 0 they agree only in
+same settings) up to float rounding (tests/trainers/packing/test_packed.py). With dropout > 0 they agree only in
 distribution: the members' dropout masks are drawn from the process' one RNG in pack order, so they cannot
 be the masks a solo run draws. The adapter starts exactly as the solo run's does: it is created by PEFT
 itself (apply_adapter) after seeding torch with the member's seed, on the base with the other members'
@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Hashable, Iterator, List, Optional, Tuple
@@ -44,9 +42,9 @@ from trainers.diagnostics import overfit_gap, rank_figures
 from trainers.distributed import current_context
 from trainers.engine import PlainEngine
 from trainers.kernels import wants_autocast
-from trainers.metrics import EvalCounts
 from trainers.model import LoadedBase, apply_adapter, release_adapter
-from trainers.recipe import ADAPTER_SUBDIR, DIVERGENCE_FACTOR, METRICS_FILE, Plan, Plateau
+from trainers.recipe import ADAPTER_SUBDIR
+from trainers.rounds import Losses, Plan, Plateau, eval_metrics, round_report, stop_on_plateau, write_metrics
 from trainers.settings import TrialSettings
 from trainers.system import adapter_mb, count_trainable
 
@@ -216,8 +214,7 @@ class Member:
     trainable_params: int
     micro_batches: int = 0
     tokens: int = 0                      # non-pad tokens trained on
-    first_loss: Optional[float] = None   # the reference for divergence, as in the recipe
-    round_losses: List[float] = field(default_factory=list)
+    losses: Losses = field(default_factory=Losses)
     rounds_done: int = 0
     awaiting_eval: bool = False          # its last step ended a round: it waits for `evaluate`
     failed: Optional[str] = None         # a TrialFailed reason (divergence)
@@ -362,12 +359,11 @@ class Pack:
         values = torch.stack([loss.detach().float() for loss in losses]).tolist()
         result = StepResult([], {}, positions=inputs["input_ids"].numel(), members=len(training))
         for member, batch, value in zip(training, batches, values):
-            reason = self._diverged(member, value)
+            reason = member.losses.add(value, member.engine.optimizer_steps + 1)
             if reason:
                 member.failed = result.failed[member.key] = reason
                 member.engine.optimizer.zero_grad(set_to_none=True)
                 continue
-            member.round_losses.append(value)
             member.micro_batches += 1
             member.tokens += int(batch["attention_mask"].sum())
             if member.engine.step() and member.engine.optimizer_steps == member.plan.round_ends[member.rounds_done]:
@@ -397,15 +393,6 @@ class Pack:
         # single-label classification, as transformers' classifiers compute it (mean over the rows)
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1))
 
-    @staticmethod
-    def _diverged(member: Member, loss: float) -> Optional[str]:
-        """trainers.recipe.check_loss for one member: NaN/inf or DIVERGENCE_FACTOR x its first loss."""
-        if member.first_loss is None:
-            member.first_loss = loss
-        if not math.isfinite(loss) or loss > DIVERGENCE_FACTOR * max(member.first_loss, 1.0):
-            return f"diverged at step {member.engine.optimizer_steps + 1} (loss={loss:.4g})"
-        return None
-
     # --- rounds ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, key: Hashable) -> Dict[str, Any]:
@@ -415,34 +402,24 @@ class Pack:
         if not member.awaiting_eval:
             raise ValueError(f"trial {key!r} is not at the end of a round")
         number = member.rounds_done + 1
-        rounds = len(member.plan.round_ends)
-        losses, member.round_losses = member.round_losses, []
         metrics: Dict[str, Any] = {
-            "round": number, "rounds_total": rounds, "step": member.engine.optimizer_steps,
-            "epoch": member.micro_batches / member.plan.batches_per_epoch,
-            "train_loss": sum(losses) / len(losses) if losses else float("nan"),
+            **round_report(number, member.plan, member.engine.optimizer_steps, member.micro_batches, member.losses),
             **self._eval_metrics(member), "trainable_params": member.trainable_params,
         }
         member.rounds_done, member.awaiting_eval = number, False
-        if member.plateau.stalled(metrics) and number < rounds:
-            metrics.update(rounds_total=number, stopped_early=member.plateau.reason(number, rounds))
-            member.stopped_early = True
+        member.stopped_early = stop_on_plateau(member.plateau, metrics, number, len(member.plan.round_ends))
         return metrics
 
     def _eval_metrics(self, member: Member) -> Dict[str, float]:
         """recipe.evaluate: the member's eval set in its own batches, only its own adapter in the forward."""
         model = self.base.model
-        model.eval()   # dropout off, the members' LoRA dropout too
-        counts = EvalCounts(self.base.task, self.base.num_labels)
-        try:
-            for batch in member.data.eval:
-                self.routing.spans = [(member.slot, 0, batch["input_ids"].shape[0])]
-                inputs = {name: batch[name].to(self.device) for name in ("input_ids", "attention_mask")}
-                with self._autocast_context():
-                    counts.add(model(**inputs).logits, batch)
-        finally:
-            model.train()
-        return counts.reduced().metrics()
+
+        def logits_of(batch):
+            self.routing.spans = [(member.slot, 0, batch["input_ids"].shape[0])]
+            with self._autocast_context():
+                return model(**{name: batch[name].to(self.device) for name in ("input_ids", "attention_mask")}).logits
+
+        return eval_metrics(model, member.data.eval, self.base.task, self.base.num_labels, logits_of)
 
     def save(self, key: Hashable, output_dir: str, metrics: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
         """recipe.save for a member: output_dir/adapter in PEFT's format (PeftModel.from_pretrained loads it on
@@ -471,8 +448,7 @@ class Pack:
                 self.base.model = release_adapter(peft_model)
         final["adapter_mb"] = adapter_mb(adapter_dir)
         if metrics is not None:
-            with open(os.path.join(output_dir, METRICS_FILE), "w", encoding="utf-8") as handle:
-                json.dump({**final, "engine": "packed", "world_size": 1}, handle, indent=2)
+            write_metrics(output_dir, final, "packed", 1)
         return final
 
     # --- the base's modules ----------------------------------------------------------------------------

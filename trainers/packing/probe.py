@@ -17,10 +17,10 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from trainers.packing.cost_model import K_MAX, MIN_GAIN, BaseShape, CostModel, Measurement, MemberShape, choose_k
 from trainers.data import CAUSAL_LM
 from trainers.kernels import wants_checkpointing
 from trainers.model import LoadedBase
+from trainers.packing.cost_model import K_MAX, MIN_GAIN, BaseShape, CostModel, Measurement, MemberShape, choose_k
 from trainers.packing.pack import Pack
 from trainers.settings import TrialSettings
 from trainers.system import reset_window_peak, window_peak_bytes

@@ -12,14 +12,12 @@ import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
-from search.refine.refiner import (RefineSettings, Refiner, plan_refinement,
-                           searched_params)
-from search.store.results import trial_rows
+from search.refine.refiner import Refiner, RefineSettings, plan_refinement, searched_params
 from search.refine.sampler import RefinedSampler
-from search.store.keys import DIAG_PREFIX, REFINEMENT_ATTR, REFINEMENTS_ATTR, ROUNDS_TOTAL_KEY, STOPPED_EARLY_KEY
-from search.run.searcher import PeftOptunaSearch, \
-    make_sampler
+from search.run.searcher import PeftOptunaSearch, make_sampler
 from search.spec.search_spec import SpecError, parse_spec
+from search.store.keys import DIAG_PREFIX, REFINEMENT_ATTR, REFINEMENTS_ATTR, ROUNDS_TOTAL_KEY, STOPPED_EARLY_KEY
+from search.store.results import trial_rows
 
 SPACE = {
     "r": {"power_of_two": [2, 32]},

@@ -7,9 +7,9 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
+from search.refine.sensitivity import (SensitivityRow, importances, marginal_effects, rating, sensitivity_table,
+                                       to_markdown)
 from search.store.results import trial_rows
-from search.refine.sensitivity import (SensitivityRow, importances, marginal_effects, rating,
-                                sensitivity_table, to_markdown)
 
 DIST = {"learning_rate": FloatDistribution(1e-5, 1e-1, log=True),
         "dropout": FloatDistribution(0.0, 0.3),

@@ -14,12 +14,11 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState, create_trial
 
 from search.report import outputs, plots
-from search.report.sections import ReportInput, build_report
 from search.report.html import build_html
+from search.report.sections import ReportInput, build_report
 from search.store.results import best_trial, objectives, trial_rows
-from search.store.rundir import write_summary
+from search.store.rundir import trial_dir, write_summary
 from search.store.storage import STUDY_NAME, open_storage
-from search.store.rundir import trial_dir
 
 DISTS = {"r_log2": IntDistribution(1, 5), "learning_rate": FloatDistribution(1e-5, 1e-2, log=True),
          "lora_dropout": FloatDistribution(0.0, 0.2), "target": CategoricalDistribution(["qv", "all"])}
@@ -130,7 +129,7 @@ def test_rank_panel_table_and_normalized_plot(single):
 def test_refinements_all_trials_diagnostics_and_failure_counts(single):
     _, md, _ = single
     refinements = md.split("## Refinements")[1].split("## All trials")[0]
-    assert "| 8 | target=qv | learning_rate: 0.0001–0.001 | learning_rate HIGH" in refinements
+    assert "| 8 | target=qv | learning_rate: 1e-4–0.001 | learning_rate HIGH" in refinements
     all_trials = md.split("## All trials")[1].split("## Failed trials")[0]
     head = next(line for line in all_trials.splitlines() if line.startswith("| number"))
     assert "diag_effective_rank_ratio" in head and "stopped_early" in head and head.endswith("fail_reason |")

@@ -7,8 +7,8 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from search.report.sections import ReportInput, build_report
-from search.store.results import (best_row, best_trial, failure_counts, objectives, pareto_front, rank_panel, trial_rows,
-                            write_trials_csv)
+from search.store.results import (best_row, best_trial, failure_counts, objectives, pareto_front, rank_panel,
+                                  trial_rows, write_trials_csv)
 
 DIST = {"learning_rate": FloatDistribution(1e-5, 1e-2, log=True)}
 
@@ -234,8 +234,8 @@ def _packing_run_dir(tmp_path, chosen_by):
 
 
 def test_packing_section_shows_the_cost_models_choice_and_the_measured_steps(tmp_path):
-    from search.store.packing_file import read_packing
     from search.report.html import build_html
+    from search.store.packing_file import read_packing
 
     choice = _packing_run_dir(tmp_path, "cost model")
     assert choice.k == 3   # the budget fits 3 members, not 4

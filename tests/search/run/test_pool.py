@@ -4,9 +4,14 @@ import threading
 
 import pytest
 
-from search.run.protocol import END, REPORT
-
 from search.run.pool import TrialPool
+from search.run.protocol import END, REPORT, TrialJob
+
+
+def job(number: int) -> TrialJob:
+    """A trial as the pool sees it: the pool reads only its number and attempt."""
+    return TrialJob(number=number, settings=None, output_dir="", run_dir="", search_name="t", params={},
+                    tracking=None, remote=None)
 
 
 @pytest.fixture
@@ -40,8 +45,8 @@ def in_thread(function, *args):
 
 
 def test_rank0_waits_at_each_report_until_the_trial_asks_for_the_next(pool):
-    pool.submit(7, {"number": 7})
-    assert pool.take(0) == {"number": 7} and pool.groups == {0: {7}}
+    pool.submit(7, job(7))
+    assert pool.take(0) == job(7) and pool.groups == {0: {7}}
     answer = in_thread(pool.put_report, 7, {"round": 1})
     assert pool.next_report(7) == (REPORT, {"round": 1})
     answer.thread.join(0.2)
@@ -54,7 +59,7 @@ def test_rank0_waits_at_each_report_until_the_trial_asks_for_the_next(pool):
 
 
 def test_a_cancelled_trial_stops_at_its_report_and_later_reports(pool):
-    pool.submit(1, {"number": 1})
+    pool.submit(1, job(1))
     pool.take(0)
     answer = in_thread(pool.put_report, 1, {"round": 1})
     assert pool.next_report(1)[0] == REPORT
@@ -65,22 +70,22 @@ def test_a_cancelled_trial_stops_at_its_report_and_later_reports(pool):
 
 
 def test_a_trial_cancelled_before_a_group_took_it_is_skipped(pool):
-    pool.submit(1, {"number": 1})
-    pool.submit(2, {"number": 2})
+    pool.submit(1, job(1))
+    pool.submit(2, job(2))
     pool.cancel(1)
-    assert pool.take(0) == {"number": 2}
+    assert pool.take(0) == job(2)
 
 
 def test_groups_are_started_when_trials_want_them_up_to_the_slots(pool):
-    pool.submit(1, {})
+    pool.submit(1, job(1))
     assert pool.started_groups == [0]
-    pool.submit(2, {})
-    pool.submit(3, {})
+    pool.submit(2, job(2))
+    pool.submit(3, job(3))
     assert pool.started_groups == [0, 1]        # slots=2
     pool.take(0)
     pool.finish(0, 1, None)
     assert pool.next_report(1) == (END, None)
-    pool.submit(4, {})
+    pool.submit(4, job(4))
     assert pool.started_groups == [0, 1]        # the groups are reused, not started again
 
 
@@ -89,8 +94,8 @@ def test_prestarted_groups_are_as_many_as_trials_need_and_later_trials_reuse_the
     assert pool.started_groups == [0] and pool.warm == "settings"
     pool.prestart(5, warm="settings")
     assert pool.started_groups == [0, 1]         # never more than the slots
-    pool.submit(1, {})
-    pool.submit(2, {})
+    pool.submit(1, job(1))
+    pool.submit(2, job(2))
     assert pool.started_groups == [0, 1]         # the trials go to the groups already started
 
 
@@ -116,7 +121,7 @@ def _cpu_settings():
 
 
 def test_the_trial_of_a_group_that_died_ends_with_the_reason(pool):
-    pool.submit(3, {})
+    pool.submit(3, job(3))
     pool.take(0)
     with pool.lock:
         (number,) = pool.groups.pop(0)
@@ -131,9 +136,9 @@ def test_a_packing_group_takes_trials_without_waiting_and_groups_start_per_pack(
     monkeypatch.setattr(TrialPool, "_start_group", lambda self: self.groups.setdefault(len(self.groups), set()))
     pool = TrialPool(slots=2, scaling=None, storage_path="unused", name="tune", pack=3)
     for number in range(4):
-        pool.submit(number, {"number": number})
+        pool.submit(number, job(number))
     assert len(pool.groups) == 2                 # 4 trials, 3 to a group
-    assert [pool.take(0, wait=False)["number"] for _ in range(3)] == [0, 1, 2]
+    assert [pool.take(0, wait=False).number for _ in range(3)] == [0, 1, 2]
     assert pool.groups[0] == {0, 1, 2}
     pool.take(1)
     assert pool.take(1, wait=False) == NO_TRIAL  # nothing waits: the pack trains on
@@ -149,20 +154,20 @@ def test_closing_the_pool_ends_every_groups_loop_and_says_whether_all_ended(monk
             job = self.take(group)
             if job == CLOSED:
                 return
-            taken.append(job["number"])
-            if job["number"] == 9:
+            taken.append(job.number)
+            if job.number == 9:
                 busy.wait(10)      # a group still in its trial when the search ends
 
     monkeypatch.setattr(TrialPool, "_run_group", group_loop)
     pool = TrialPool(slots=2, scaling=None, storage_path="unused", name="tune")
-    pool.submit(1, {"number": 1})
-    pool.submit(2, {"number": 2})
+    pool.submit(1, job(1))
+    pool.submit(2, job(2))
     assert len(pool.threads) == 2
     assert pool.close(timeout=5) is True          # both loops took CLOSED after their trials
     assert sorted(taken) == [1, 2] and not any(t.is_alive() for t in pool.threads.values())
 
     stuck = TrialPool(slots=1, scaling=None, storage_path="unused", name="tune")
-    stuck.submit(9, {"number": 9})
+    stuck.submit(9, job(9))
     assert stuck.close(timeout=0.3) is False      # the driver kills what is left
     busy.set()
 

@@ -20,8 +20,8 @@ def test_lines_count_outcomes_running_and_best(capsys):
     progress.on_trial_complete(0, [a, b, c, d], c)
     progress.on_step_end(0, [a, b, c, d])
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].startswith("[peft-search] trial 0 complete after round 3: eval_accuracy=0.7000 | 1/5 done")
-    assert "trial 1 pruned after round 1" in lines[1] and "best eval_accuracy=0.7000" in lines[1]
+    assert lines[0].startswith("[peft-search] trial 0 complete after round 3: eval_accuracy=0.7 | 1/5 done")
+    assert "trial 1 pruned after round 1" in lines[1] and "best eval_accuracy=0.7" in lines[1]
     assert "trial 2 FAILED: diverged at step 4 (loss=nan)" in lines[2]
     assert "3/5 done (1 complete, 1 pruned, 1 failed), 1 running" in lines[3]
     assert "s left" in lines[3]
@@ -34,4 +34,4 @@ def test_several_objectives_are_all_shown_and_heartbeat_waits(capsys):
     progress.on_trial_complete(0, [a], a)
     progress.on_step_end(0, [trial(1, "RUNNING")])   # within the heartbeat interval: quiet
     out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 1 and "eval_accuracy=0.8000, adapter_mb=1.5000" in out[0]
+    assert len(out) == 1 and "eval_accuracy=0.8, adapter_mb=1.5" in out[0]

@@ -12,9 +12,9 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 from search.run.resume import DriverLock, ResumeError, plan, record_or_check
-from search.store.rundir import RunDirError
 from search.run.searcher import TRIAL_NUMBER_KEY, PeftOptunaSearch, make_sampler
 from search.spec.search_spec import parse_spec
+from search.store.rundir import RunDirError
 
 SPACE = {"x": FloatDistribution(0.0, 1.0)}
 

@@ -17,9 +17,9 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import pytest
 import yaml
+from test_spec_helpers import DELETE, merged
 
 from search.cli import main as cli_main
-from test_spec_helpers import DELETE, merged
 
 TEN_MB = 10 * 1024 * 1024
 
@@ -390,14 +390,14 @@ def test_run_with_an_address_goes_on_to_the_cluster(guarded, monkeypatch):
 def test_data_gone_between_validation_and_run_leaves_no_run_directory(guarded):
     """The run reads the data again (for the baseline) before it creates anything: data that vanished
     or an HF dataset that cannot be loaded is a problem naming `data`, and no run directory is left."""
-    from search.store.rundir import prepare_run_dir
-    from trainers.records import DataError
     from search.spec.validate import check_file
+    from search.store.rundir import RunPlace, prepare_run_dir
+    from trainers.records import DataError
 
     workspace = Workspace(guarded)
     spec, problems, _warnings = check_file(workspace.spec())
     assert problems == []
     os.remove(workspace.inputs / "data" / "train.jsonl")
     with pytest.raises(DataError, match="train.jsonl: no such file"):
-        prepare_run_dir(spec, str(workspace.runs))
+        prepare_run_dir(spec, RunPlace.of(spec, str(workspace.runs)))
     assert not workspace.runs.exists()

@@ -7,11 +7,11 @@ import os
 import random
 
 import pytest
+from test_spec_helpers import base_spec, merged, tiny_world, write_spec  # noqa: F401 (fixture)
 
 from search.cli import main as cli_main
 from search.spec.search_spec import SpecError, load_spec
 from search.spec.validate import check_file, validate_file
-from test_spec_helpers import base_spec, merged, tiny_world, write_spec  # noqa: F401 (fixture)
 from trainers.diagnostics import near_duplicates, normalize_text, text_overlap
 
 _WORDS = [f"w{index}" for index in range(400)]

@@ -4,9 +4,9 @@ from __future__ import annotations
 import os
 
 import pytest
+from test_spec_helpers import DELETE, base_spec, merged, tiny_world, write_spec  # noqa: F401 (fixture)
 
 from search.spec.search_spec import SpecError, load_spec
-from test_spec_helpers import DELETE, base_spec, merged, tiny_world, write_spec  # noqa: F401 (fixture)
 
 PROMPT = {"peft.method": "prompt-tuning", "peft.target_modules": DELETE}
 

@@ -7,10 +7,10 @@ import optuna
 import pytest
 import yaml
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from test_spec_helpers import DELETE, base_spec, merged, tiny_world, write_spec  # noqa: F401 (fixture)
 
 from search.spec.search_spec import SearchSpec, SpecError, load_spec, parse_spec
 from search.spec.sections import DataSection, ModelSection, SearchSection
-from test_spec_helpers import DELETE, base_spec, merged, tiny_world, write_spec  # noqa: F401 (fixture)
 from trainers.settings import TrialSettings
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

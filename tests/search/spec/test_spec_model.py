@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import pytest
+from test_spec_helpers import DELETE, base_spec, merged, tiny_world, write_spec  # noqa: F401 (fixture)
 
 from search.spec.search_spec import SpecError, load_spec
-from test_spec_helpers import DELETE, base_spec, merged, tiny_world, write_spec  # noqa: F401 (fixture)
 from trainers.inspect import ModelReferenceError, inspect_model
 
 

@@ -5,9 +5,9 @@ import glob
 import os
 
 import pytest
+from test_spec_helpers import DELETE, base_spec, merged, tiny_world, write_spec  # noqa: F401 (fixture)
 
 from search.spec.validate import validate_file
-from test_spec_helpers import DELETE, base_spec, merged, tiny_world, write_spec  # noqa: F401 (fixture)
 
 EXAMPLES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "..", "examples", "*.yaml")))
 

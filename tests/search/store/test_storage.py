@@ -2,8 +2,9 @@
 on a network filesystem (from a made-up mounts table, and on this machine's real local tmp dir)."""
 import pytest
 
-from search.store.storage import (STORAGE_ENV, StorageError, check_storage, network_filesystem, open_storage, redact_url,
-                            saved_storage, sqlite_network_problem, storage_url, study_name, url_password)
+from search.store.storage import (STORAGE_ENV, StorageError, check_storage, network_filesystem, open_storage,
+                                  redact_url, saved_storage, sqlite_network_problem, storage_url, study_name,
+                                  url_password)
 
 # a made-up /proc/mounts: local disks, an NFS home, a CIFS share inside it, sshfs, Lustre scratch, a
 # mount point with a space (written `\040`), and the local /data mounted over by NFS later

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from trainers.packing.cost_model import (LOGIT_BYTES, BaseShape, Coefficients, CostModel, Measurement, MemberShape,
-                                 choose_k, lora_params)
+                                         choose_k, lora_params)
 
 # A LLaMA-1B-like shape (16 layers, hidden 2048, vocab 128k), as the benchmarks use it
 BASE = BaseShape(params=1_236_000_000, matmul_params=1_236_000_000 - 262_000_000,

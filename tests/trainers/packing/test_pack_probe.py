@@ -17,11 +17,11 @@ from dataclasses import replace
 
 import pytest
 import torch
-
-from trainers.packing.cost_model import CostModel, lora_params
-from trainers.model import load_base
-from trainers.packing.probe import base_shape, decide, measure_pack
 from trainers_helpers import lm_settings
+
+from trainers.model import load_base
+from trainers.packing.cost_model import CostModel, lora_params
+from trainers.packing.probe import base_shape, decide, measure_pack
 
 
 @pytest.fixture(scope="module")

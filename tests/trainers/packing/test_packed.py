@@ -16,6 +16,7 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
+from trainers_helpers import BERT_PARAMS, LLAMA_PARAMS, cls_settings, lm_settings
 
 from trainers import recipe
 from trainers.data import build_data, read_trial_rows
@@ -24,7 +25,6 @@ from trainers.metrics import EvalCounts
 from trainers.model import load_base
 from trainers.packing.pack import LoraPiece, Pack, PackedHead, PackedLinear, can_pack, why_not_packable
 from trainers.settings import PeftSettings
-from trainers_helpers import BERT_PARAMS, LLAMA_PARAMS, cls_settings, lm_settings
 
 REL, ABS = 1e-5, 1e-6
 EVAL_KEYS = ("round", "rounds_total", "step", "epoch", "train_loss", "eval_loss", "eval_accuracy", "eval_f1",
