@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from spaces.kinds import Categorical, Fixed, Float, Int, Kind, KindError, PowerOfTwo, RatioTo, _is_int, _is_number, _show
+from spaces.kinds import (Categorical, Fixed, Float, Int, Kind, KindError, PowerOfTwo, RatioTo, _is_int, _is_number,
+                          _show)
 
 _RANGE_KEYS = ("low", "high", "log", "step")
 

@@ -1,7 +1,8 @@
 """Refinement: the sensitivity analysis fed back into the running search, in the same Optuna study.
 
-Every `search.refine_every` finished trials (the first time once MIN_TRIALS_FOR_SENSITIVITY trials are
-complete, fewer cannot tell an effect from noise), `Refiner.maybe_refine` analyses every trial so far:
+Every `search.refine_every` finished trials (the first time once REFINE_MIN_TRIALS trials are complete:
+acting on a setting needs firmer evidence than the report's rating of it), `Refiner.maybe_refine` analyses
+every trial so far:
 
 - a setting is fixed at the best trial's value when it is rated LOW (search/refine/sensitivity.py), its
   impact does not beat noise (see below) and every importance evaluator that rated it (fANOVA,
@@ -36,8 +37,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 
 from search.numbers import show_number
-from search.refine.sensitivity import (MIN_TRIALS_FOR_SENSITIVITY, Bin, importances, marginal_effects,
-                                       sensitivity_table)
+from search.refine.sensitivity import Bin, importances, marginal_effects, sensitivity_table
 from search.store.keys import REFINEMENT_ATTR, REFINEMENTS_ATTR
 from search.store.results import best_row, trial_rows
 from spaces.kinds import Kind
@@ -65,12 +65,15 @@ def searched_params(spec) -> List[SearchedParam]:
             for key, kind in spec.space.items() if kind.searched]
 
 
+REFINE_MIN_TRIALS = 10
+
+
 @dataclass(frozen=True)
 class RefineSettings:
     every: int                          # finished trials between refinements (0: off)
     min_importance: float = 0.1         # fix only below this importance (importances sum to 1)
     min_width: float = 0.25             # a narrowed range keeps at least this share of the original
-    min_trials: int = MIN_TRIALS_FOR_SENSITIVITY
+    min_trials: int = REFINE_MIN_TRIALS
 
     @classmethod
     def from_search_section(cls, search) -> "RefineSettings":

@@ -1,8 +1,9 @@
 """report.html: the sections of search.report.sections as one self-contained page.
 
-Self-contained: the CSS is inline, the plots are inline SVG (search.report.plots) and there is no script,
-font or stylesheet to fetch, so the file opens offline, from an artifact store or an e-mail. Every
-text that comes from the spec or the trials is escaped (html.escape) before it reaches the page.
+Self-contained: the CSS is inline, the plots are inline SVG drawn by matplotlib (search.report.plots,
+search.report.figures) and there is no script, font or stylesheet to fetch, so the file opens offline,
+from an artifact store or an e-mail. Every text that comes from the spec or the trials is escaped
+(html.escape, or matplotlib inside a plot) before it reaches the page.
 """
 from __future__ import annotations
 
@@ -32,9 +33,7 @@ th { background: #f4f4f6; position: sticky; top: 0; } td.num { text-align: right
 tr.state-PRUNED td { color: #666; } tr.state-FAIL td { background: #fff4f4; }
 figure { display: inline-block; margin: 0.5em 1em 0.5em 0; vertical-align: top; }
 figcaption { font-size: 0.85em; color: #555; max-width: 560px; }
-svg.chart { background: #fff; border: 1px solid #eee; }
-svg .axis { stroke: #444; } svg .grid { stroke: #eee; } svg .tick, svg .legend { font-size: 11px; fill: #333; }
-svg .axis-label { font-size: 12px; fill: #111; } svg .chart-title { font-size: 13px; font-weight: 600; }
+svg.chart { background: #fff; border: 1px solid #eee; max-width: 100%; height: auto; }
 """
 
 _CODE = re.compile(r"`([^`]+)`")
@@ -68,7 +67,7 @@ def block_html(block: Block) -> str:
         return f"<pre><code>{escape(block.text)}</code></pre>"
     if isinstance(block, Bullets):
         return "<ul>" + "".join(f"<li>{inline(item)}</li>" for item in block.items) + "</ul>"
-    if isinstance(block, Figure):  # the SVG escaped its own texts (search.report.plots)
+    if isinstance(block, Figure):  # matplotlib escaped the SVG's texts (search.report.plots.svg)
         caption = f"<figcaption>{inline(block.caption)}</figcaption>" if block.caption else ""
         return f"<figure>{block.svg}{caption}</figure>"
     raise TypeError(f"not a report block: {type(block).__name__}")

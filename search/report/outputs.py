@@ -74,8 +74,11 @@ def refresh(run_dir: str, wall_s: Optional[float] = None, storage: Optional[str]
         wall_s = previous_wall(run_dir)
     else:
         _record_wall(run_dir, wall_s)
+    from search.refine.next_search import write_next_search
     from search.refine.sensitivity import importances
+    from search.report import figures
 
+    (metric, mode), several = objs[0], len(objs) > 1
     settings = os.path.join(run_dir, BEST_DIR, SETTINGS_FILE)
     data = report.ReportInput(
         run_dir=run_dir, summary=summary, rows=rows, best=best, wall_s=wall_s,
@@ -84,7 +87,12 @@ def refresh(run_dir: str, wall_s: Optional[float] = None, storage: Optional[str]
         peft_config=best_peft_config(run_dir, best) if best is not None else None,
         settings_path=settings if published and os.path.isfile(settings) else None,
         adapter_dir=os.path.join(run_dir, BEST_DIR) if published else None,
-        packing=read_packing(run_dir))
+        packing=read_packing(run_dir),
+        # several objectives have no one best region to move the space to
+        next_search=None if several else write_next_search(run_dir, study, rows, metric, mode),
+        # not Optuna's slice plot: it leaves pruned trials out, and the Sensitivity section's slices show them
+        study_figures=[draw(study, metric) for draw in (figures.optimization_history, figures.parallel_coordinates,
+                                                        figures.contour, figures.importances)])
     report.write_report(run_dir, report.build_report(data))
     report_html.write_html(run_dir, report_html.build_html(data))
     if remote is not None:

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from search.numbers import is_number
-from search.refine.sensitivity import MIN_TRIALS_FOR_SENSITIVITY, enough_for_sensitivity, sensitivity_table
+from search.refine.sensitivity import (MIN_COMPLETE, MIN_TRIALS_FOR_SENSITIVITY, enough_for_sensitivity,
+                                       sensitivity_table)
 from search.report import plots
 from search.report.blocks import Block, Bullets, Code, Figure, Section, Table, cell, to_markdown, write_text
 from search.report.packing import packing_section
@@ -40,6 +41,8 @@ class ReportInput:
     settings_path: Optional[str] = None      # best/settings.json, when the best trial saved its settings
     adapter_dir: Optional[str] = None        # best/, when it holds the best trial's adapter
     packing: Optional[Mapping[str, object]] = None  # store/packing_file.read_packing: K, how chosen, measured steps
+    next_search: Optional[object] = None     # search/refine/next_search.Written: next_spec.yaml's diff, edges
+    study_figures: Sequence[object] = ()     # search/report/figures.StudyFigure: Optuna's own plots
 
     @property
     def objectives(self) -> List[Objective]:
@@ -52,8 +55,10 @@ def build_report(data: ReportInput) -> str:
 
 # --- sections ------------------------------------------------------------------------------------
 def sections(data: ReportInput) -> List[Section]:
-    built = [header(data), best_section(data), sensitivity(data), rank_section(data), refinements(data),
-             pareto_section(data), packing_section(data.packing), all_trials(data), failed_trials(data)]
+    built = [header(data), best_section(data), sensitivity(data), optuna_plots(data), rank_section(data),
+             refinements(data),
+             next_search(data), pareto_section(data), packing_section(data.packing), all_trials(data),
+             failed_trials(data)]
     return [section for section in built if section is not None]
 
 
@@ -143,18 +148,25 @@ def sensitivity_blocks(rows, metric: str, mode: str, importances_by_method: Opti
     """Which setting matters for this task, how much, and where its good range lies."""
     if not enough_for_sensitivity(rows):
         complete = sum(r["state"] == "COMPLETE" for r in rows)
-        return [f"Needs at least {MIN_TRIALS_FOR_SENSITIVITY} complete trials to tell an effect from noise; "
-                f"has {complete}."]
-    params = [c[len("param_"):] for c in columns(rows) if c.startswith("param_")]
+        pruned = sum(r["state"] == "PRUNED" for r in rows)
+        return [f"Needs at least {MIN_TRIALS_FOR_SENSITIVITY} trials with a result, {MIN_COMPLETE} of them "
+                f"complete; has {complete} complete and {pruned} pruned."]
+    params = [c[len("param_"):] for c in searched_params(rows)]
+    table = sensitivity_table(rows, params, metric, mode)
+    pruned_used = any(r.pruned for r in table)
     blocks: List[Block] = [
         f"Impact: how far `{metric}` moves between a setting's best and worst tested range (points: x100 for "
-        "scores in [0, 1]), with other settings' effects removed; rated against the impact of the same setting "
-        "shuffled (noise). From complete trials only.",
-        Table(["Setting", "Range tested", "Optimal range", "Impact (points)", "90% CI", "Rating", "Guidance"],
+        "scores in [0, 1]), with other settings' effects removed, and its 90% interval. A rating only where the "
+        "evidence supports one: the impact beats the same setting shuffled (noise), or enough trials keep it "
+        "within noise (LOW); otherwise how many more trials would tell, were the effect as large as it looks."
+        + (" Pruned trials count with their last result (lower fidelity: fewer rounds, adjusted for)."
+           if pruned_used else ""),
+        Table(["Setting", "Range tested", "Optimal range", "Impact (points)", "90% CI", "Trials", "Rating",
+               "Guidance"],
               [{"Setting": r.param, "Range tested": r.range_tested, "Optimal range": r.optimal_range,
                 "Impact (points)": f"{r.impact_points:.2f}", "90% CI": f"{r.impact_ci[0]:.2f}–{r.impact_ci[1]:.2f}",
-                "Rating": r.rating, "Guidance": r.guidance}
-               for r in sensitivity_table(rows, params, metric, mode)]),
+                "Trials": r.evidence, "Rating": r.verdict, "Guidance": r.guidance}
+               for r in table]),
         "Importances (Optuna, on its encoded parameters such as `r_log2`): fANOVA is the share of the "
         "objective's variance a setting explains in a random-forest fit; PED-ANOVA how differently a setting "
         "is spread in the top trials than in all. Each sums to 1 over the settings.",
@@ -162,8 +174,6 @@ def sensitivity_blocks(rows, metric: str, mode: str, importances_by_method: Opti
     for method, scores in (importances_by_method or {}).items():
         ranked = sorted(scores.items(), key=lambda kv: -kv[1])
         blocks.append(f"{method} importance: " + ", ".join(f"{name} {score:.2f}" for name, score in ranked))
-        blocks.append(Figure(plots.bar_chart([n for n, _ in ranked], [s for _, s in ranked], f"{method} importance",
-                                             "importance (sums to 1)")))
     reason = getattr(importances_by_method, "reason", "")
     if reason or not importances_by_method:
         blocks.append(f"Importances {'partly ' if importances_by_method else ''}not computed: "
@@ -198,9 +208,24 @@ def _plain(value):
 def sensitivity(data: ReportInput) -> Section:
     (metric, mode), objs = data.objectives[0], data.objectives
     blocks = sensitivity_blocks(data.rows, metric, mode, data.importances)
+    edges = data.next_search.edges if data.next_search is not None else []
+    if edges:   # before the table: the one finding a user acts on at once
+        blocks.insert(1 if len(blocks) > 1 else 0,
+                      Bullets([f"**Range edge**: {edge.text()} (next_spec.yaml does)." for edge in edges]))
     if len(objs) > 1:
         blocks.insert(0, f"On the first objective, `{metric}`.")
     return Section("Sensitivity", blocks)
+
+
+def optuna_plots(data: ReportInput) -> Optional[Section]:
+    """Optuna's own plots (report.html; report.md names what was not drawn and why)."""
+    if not data.study_figures:
+        return None
+    blocks: List[Block] = []
+    for figure in data.study_figures:
+        blocks.append(Figure(figure.svg, figure.caption) if figure.svg
+                      else f"{figure.title}: not drawn, {figure.reason}.")
+    return Section("Plots", blocks)
 
 
 def rank_section(data: ReportInput) -> Optional[Section]:
@@ -256,6 +281,21 @@ def refinements(data: ReportInput) -> Section:
         "Changes the search made to its own space as results came in: after that many trials, settings "
         "fixed at a value or ranges narrowed to where the good trials were. Later trials sample the new space.",
         Table(["after trials", "fixed", "narrowed", "reason"], [_refinement_row(item) for item in items])])
+
+
+def next_search(data: ReportInput) -> Optional[Section]:
+    if data.next_search is None:
+        return None
+    from search.refine.next_search import NEXT_SPEC_FILE
+
+    path = os.path.join(data.run_dir, NEXT_SPEC_FILE)
+    diff = data.next_search.diff
+    changed = [line for line in diff.splitlines() if line.startswith("+  # ")]
+    return Section("Next search", [
+        f"`{path}` is this search's spec with its space changed by what the trials showed (each change says "
+        f"why in a comment), under a new name. Run it: `peft-search run {path}`."
+        + ("" if changed else " No setting had the evidence for a change yet; only the name differs."),
+        Code(diff, "diff")])
 
 
 def pareto_section(data: ReportInput) -> Optional[Section]:

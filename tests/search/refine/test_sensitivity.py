@@ -150,5 +150,5 @@ def test_summary_tables_for_wandb(study, rows):
     evaluators = {r["evaluator"] for r in tables["importances"]}
     assert evaluators == {"fanova", "ped_anova"}
     assert {r["param"] for r in tables["importances"]} == set(DIST)
-    few = [r for r in rows if r["number"] < 5]
+    few = [r for r in rows if r["number"] < 3]
     assert summary_tables(few, study, "eval_accuracy", "max") == {}
