@@ -66,7 +66,7 @@ def prepare_run_dir(spec, place: RunPlace, resume: bool = False) -> dict:
                                  f"choose another `name` or storage_path")
     # Read first: the baseline reads the data (an HF dataset id downloads here, and may fail), and a
     # failure must leave no run directory behind.
-    summary = run_summary(spec)   # DataError: validate reads local files only; a hub dataset may be missing
+    summary = run_summary(spec, place)   # DataError: validate reads local files only; a hub dataset may be missing
     try:
         os.makedirs(run_dir, exist_ok=True)
     except OSError as exc:   # a file where a directory should be, no permission: the user's to fix, no crash
@@ -84,17 +84,17 @@ def write_run_files(spec, run_dir: str, summary: dict) -> None:
 def write_summary(run_dir: str, spec, summary: Optional[dict] = None) -> None:
     """What `report` needs without re-validating the spec (whose data may have moved)."""
     with open(os.path.join(run_dir, SUMMARY_FILE), "w", encoding="utf-8") as handle:
-        json.dump(summary or run_summary(spec), handle, indent=2)
+        json.dump(summary or run_summary(spec, RunPlace.of(spec, os.path.dirname(run_dir))), handle, indent=2)
 
 
-def run_summary(spec) -> dict:
+def run_summary(spec, place: RunPlace) -> dict:
     """search.json's content; reads the data for the majority-class baseline."""
     return {
         "name": spec.name, "model": spec.model.name_or_path, "task": spec.model.task, "method": spec.peft.method,
         "metric": spec.objective.metric, "mode": spec.objective.mode, "algorithm": spec.search.algorithm,
         # the password of a database URL is never written; PEFT_SEARCH_STORAGE supplies the full URL later
         "scheduler": spec.search.scheduler, "trials": spec.search.trials, "storage": redact_url(spec.storage),
-        "study": study_name(spec.storage, spec.name),
+        "study": place.study,
         # `report` fetches trials and uploads outputs there without the spec (it holds no credentials)
         "storage_path": spec.resources.storage_path,
         "baseline": majority_baseline(spec),

@@ -296,11 +296,11 @@ def test_deepspeed_checkpoints_are_read_weights_only(world, tmp_path):
 
 def _run_dir(spec, tmp_path) -> Path:
     """The run directory's files as `run` writes them (prepare_run_dir would connect to the database first)."""
-    from search.store.rundir import run_summary, write_run_files
+    from search.store.rundir import RunPlace, run_summary, write_run_files
 
     run_dir = tmp_path / "runs" / spec.name
     run_dir.mkdir(parents=True)
-    write_run_files(spec, str(run_dir), run_summary(spec))
+    write_run_files(spec, str(run_dir), run_summary(spec, RunPlace.of(spec, str(tmp_path / "runs"))))
     return run_dir
 
 
