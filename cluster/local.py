@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 # Environment every Ray worker gets: one tokenizer thread pool is plenty, and Ray's own
 # metrics exporter and usage reporting would only try to reach the network.
@@ -21,6 +21,13 @@ WORKER_ENV = {
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
     "RAY_USAGE_STATS_ENABLED": "0",
 }
+
+
+# Where the workers' stdout/stderr that Ray forwards to this driver (log_to_driver) go: None, Ray prints them on
+# the driver's terminal as usual; a function, it gets each batch (Ray's dict: "lines", "pid", "actor_name",
+# "task_name", "ip", "is_err", ...). search/run/console.py points it at the run's log file while a search runs.
+worker_output_sink: Optional[Callable[[dict], None]] = None
+RAY_PRINT_LOGS = "ray_print_logs"   # the name ray.init gives its printing handler of the forwarded lines
 
 
 # Only on the embedded one-machine Ray: Ray Train's preemption watcher (a process per worker group) watches for
@@ -49,9 +56,12 @@ def connect(address: Optional[str], concurrency: int, cpus_per_trial: float) -> 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
+        route_worker_output()
         return False
     if address:
         ray.init(address=address, runtime_env={"env_vars": _env_not_set_by_job()}, log_to_driver=True)
+        route_worker_output()
+        _note_session_dir()
         return False
     # The GCS port is chosen here so that the workers can be told the address: Ray Train's
     # PlacementGroupCleaner looks its cluster up without one, and with a second Ray on the machine (two
@@ -79,7 +89,71 @@ def connect(address: Optional[str], concurrency: int, cpus_per_trial: float) -> 
             logging_level="WARNING",
             log_to_driver=True,
         )
+    route_worker_output()
+    _note_session_dir()
     return True
+
+
+def _note_session_dir() -> None:
+    """Says in the driver's log (the run's search.log, while a search runs) where Ray keeps its own logs."""
+    import logging
+
+    logging.getLogger(__name__).info(f"Ray's own logs, each worker's stdout/stderr included: {session_dir()} "
+                                     f"(on each node of a cluster: its /tmp/ray/session_latest/logs)")
+
+
+def route_worker_output() -> bool:
+    """Hand the workers' forwarded stdout/stderr to `worker_output_sink` (while one is set) instead of Ray's
+    printing: each batch whole, not deduplicated ("[repeated 2x across cluster]") and uncoloured. Ray still keeps
+    every worker's output in its session directory (`session_dir()`). False when this driver gets no forwarded
+    output (`log_to_driver=False`). Safe to call again."""
+    import logging
+
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+        from ray._private.worker import filter_autoscaler_events
+    except ImportError:   # another Ray: its own printing stays
+        return False
+    printing = next((handler for name, handler in list(dispatcher.handlers) if name == RAY_PRINT_LOGS), None)
+    if printing is None:
+        return False
+    if getattr(printing, "routed", False):
+        return True
+
+    def forward(data: dict) -> None:
+        sink = worker_output_sink
+        if sink is None:
+            printing(data)
+            return
+        if data.get("pid") == "autoscaler":   # its status table every few seconds: its events only, as Ray prints
+            try:
+                data = {**data, "lines": list(filter_autoscaler_events(data.get("lines") or []))}
+            except Exception:   # Ray's filter could not tell (no GCS client): the autoscaler's own log has them
+                return
+            if not data["lines"]:
+                return
+        try:
+            sink(data)
+        except Exception:   # the sink's trouble (a closed file) must not stop Ray's log thread
+            logging.getLogger(__name__).debug("worker output sink failed", exc_info=True)
+            printing(data)
+
+    forward.routed = True
+    # the same name: ray.shutdown removes it as it would Ray's own
+    dispatcher.remove_handler(RAY_PRINT_LOGS)
+    dispatcher.add_handler(RAY_PRINT_LOGS, forward)
+    return True
+
+
+def session_dir() -> Optional[str]:
+    """The logs directory of this driver's Ray session (each worker's worker-*.out / .err, the raylet's, the
+    GCS'), None when unknown."""
+    try:
+        from ray._private import worker
+
+        return worker._global_node.get_logs_dir_path()
+    except Exception:   # not connected, or Ray moved it
+        return None
 
 
 # Ray's switch for "a single machine, not a cluster node" (its name is historical: the default on macOS and

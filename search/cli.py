@@ -92,6 +92,16 @@ def _run(spec, runs_dir: str, address: Optional[str], resume: bool) -> int:
         print(f"interrupted; finished trials are kept: continue with `peft-search resume "
               f"{os.path.abspath(os.path.join(runs_dir, spec.name))}`", file=sys.stderr)
         return EXIT_RUNTIME
+    except Exception as exc:
+        from search.run.console import failure_log
+
+        log = failure_log(exc)
+        if log is None:   # failed before the run's log existed: Python's traceback says it all
+            raise
+        # the terminal has shown the log's tail, the traceback's end
+        print(_one_line(f"the search stopped: {type(exc).__name__}: {exc}; its traceback is in {log}"),
+              file=sys.stderr)
+        return EXIT_RUNTIME
     return _print_report(run_dir)
 
 
@@ -102,6 +112,11 @@ def _print_report(run_dir: str) -> int:
     html = os.path.join(run_dir, "report.html")
     if os.path.isfile(html):  # the same report with plots, one file that opens offline
         print(f"report with plots: {html}")
+    from search.run.console import LOG_FILE
+
+    log = os.path.join(run_dir, LOG_FILE)
+    if os.path.isfile(log):   # what the libraries and the workers printed (search/run/console.py)
+        print(f"library and worker output: {log}")
     return EXIT_OK
 
 

@@ -136,3 +136,21 @@ def limits_for(method: str) -> Dict[str, Any]:
     from spaces.methods import params_for
 
     return dict(params_for(method))
+
+
+class SpecEdges:
+    """The edges a trial's configuration (Optuna's values, as Tune holds them) sits at in `spec`'s space: what
+    the progress lines flag when a new best trial comes in."""
+
+    def __init__(self, spec):
+        self.spec = spec
+
+    def __call__(self, params: Mapping[str, Any]) -> List[Edge]:
+        from search.spec.params import display_name
+
+        try:
+            values = self.spec.decode(params)
+        except KeyError:   # not a configuration of this space
+            return []
+        best = {key: values.get(display_name(key, kind)) for key, kind in self.spec.space.items()}
+        return edge_findings(self.spec.space, best, limits_for(self.spec.peft.method))

@@ -1,7 +1,9 @@
 """The search: Ray Tune drives Optuna (in the run directory's storage) and ASHA over the trials.
 
 run_search() prepares the run directory, connects to Ray, runs the Tuner and finishes with the
-run directory's outputs (trials.csv, best/, report.md) rebuilt from the Optuna storage.
+run directory's outputs (trials.csv, best/, report.md) rebuilt from the Optuna storage. From the moment the run
+directory exists, the terminal shows the product's lines only and everything else goes to RUN_DIR/logs/search.log
+(search/run/console.py).
 """
 from __future__ import annotations
 
@@ -12,10 +14,12 @@ from typing import Optional
 
 from cluster import leftovers, local
 from search.report import outputs
+from search.run import console
+from search.refine.edges import SpecEdges
 from search.run.packing import choose_pack
 from search.run.pool import start_pool
 from search.run.progress import CancelEndedTrials, ProgressLines
-from search.run.resume import (DriverLock, ResumePlan, infrastructure_failures, plan, record_or_check,
+from search.run.resume import (DriverLock, ResumeError, ResumePlan, infrastructure_failures, plan, record_or_check,
                                rerun_infrastructure_failures)
 from search.run.schedulers import make_scheduler
 from search.run.searcher import PeftOptunaSearch, make_sampler
@@ -40,7 +44,7 @@ def run_search(spec, runs_dir: str, address: Optional[str] = None, resume: bool 
     place = RunPlace.of(spec, runs_dir)
     run_dir, remote = place.run_dir, place.remote
     summary = prepare_run_dir(spec, place, resume)
-    with DriverLock(run_dir):
+    with DriverLock(run_dir), console.capture(run_dir, quiet=_input_problems()):
         study = open_study(spec, place, resume)   # a changed space or objective stops here, before Ray
         write_run_files(spec, run_dir, summary)
         if remote is not None:   # now, not only at the end: a second search of this name is refused from here on
@@ -65,6 +69,14 @@ def run_search(spec, runs_dir: str, address: Optional[str] = None, resume: bool 
             rows = outputs.refresh(run_dir, wall_s=wall_before + time.time() - started, storage=spec.storage)
             log_tables(run_dir, spec.name, spec.tracking, {"trials": rows, **_sensitivity_tables(spec, study, rows)})
     return run_dir
+
+
+def _input_problems() -> tuple:
+    """The errors the CLI reports as invalid input (one line, exit 2): no log tail for them on the terminal."""
+    from search.store.rundir import RunDirError
+    from trainers.records import DataError
+
+    return RunDirError, ResumeError, StorageError, RemoteStorageError, DataError
 
 
 def open_study(spec, place: RunPlace, resume: bool):
@@ -141,6 +153,7 @@ def _fit(spec, place: RunPlace, todo: ResumePlan) -> None:
             metric, mode = list(metric), list(mode)
         scheduler = make_scheduler(spec.search.scheduler, metric, mode, spec.max_rounds, spec.search.grace_rounds,
                                    spec.search.reduction_factor)
+        edges = SpecEdges(spec) if isinstance(metric, str) else None   # several objectives: no one best
         trainable = tune.with_parameters(tune_trial, spec=spec, place=place, threads_per_worker=threads,
                                          pool=pool)
         tuner = tune.Tuner(
@@ -157,7 +170,8 @@ def _fit(spec, place: RunPlace, todo: ResumePlan) -> None:
                                       # retries happen inside the trial function (search/run/trial.py), which
                                       # lives on the driver's node: a restart by Tune would only repeat a fault
                                       failure_config=tune.FailureConfig(max_failures=0),
-                                      callbacks=[ProgressLines(metric, mode, todo.to_run), CancelEndedTrials(pool)]),
+                                      callbacks=[ProgressLines(metric, mode, todo.to_run, edges=edges),
+                                                 CancelEndedTrials(pool)]),
         )
         tuner.fit()
         _close_groups(pool)

@@ -4,6 +4,7 @@ WANDB_API_KEY) leaking into any of them or into its output (test_security.py che
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -117,6 +118,22 @@ def test_spec_report_and_study_are_written(finished_run):
     assert "## Best trial" in report and "majority class" in report and "## Failed trials" in report
     assert "## Best trial" in stdout  # the run ends by printing its report
     assert (run_dir / "study.sqlite3").is_file()
+
+
+def test_the_terminal_shows_the_products_lines_and_the_libraries_chatter_is_in_the_log(finished_run):
+    """No library warning or worker line on the terminal (not a TTY here: plain lines); they are in
+    RUN_DIR/logs/search.log, whose tail follows the diverging trial's line."""
+    run_dir, _, stdout, stderr = finished_run
+    before_report = stdout.split("# peft-search report")[0]
+    # the product's lines; the spec's warnings; a failed trial's log tail, indented under its line
+    foreign = [line for line in (before_report + stderr).splitlines()
+               if line.strip() and not re.match(r"\[peft-search\] |warning: | {4}", line)]
+    assert not foreign, foreign
+    log = (run_dir / "logs" / "search.log").read_text()
+    assert "(RayTrainWorker pid=" in log and "(TrainController pid=" in log and "Configuration for experiment" in log
+    assert re.search(r"^\[peft-search\] trial \d+ FAILED: diverged at step", before_report, re.MULTILINE)
+    assert re.search(r"^\[peft-search\] trial \d+ failed: (the last \d+ lines of|no new lines in) \S+/logs/search\.log",
+                     before_report, re.MULTILINE)
 
 
 def test_report_command_rebuilds_from_storage(finished_run):
