@@ -52,6 +52,10 @@ def cmd_validate(args) -> int:
         return _problems_exit(problems)
     print(f"{args.spec}: valid ({spec.peft.method} on {spec.model.name_or_path}, {len(spec.search_space())} "
           f"searched parameters, {spec.search.trials} trials)")
+    from search.spec.validate import data_preview
+
+    for line in data_preview(spec):   # prompt-completion / chat rows: one row as trained, the loss's part marked
+        print(line)
     return EXIT_OK
 
 

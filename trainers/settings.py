@@ -16,6 +16,10 @@ OPTIMIZERS = ("adamw", "paged_adamw_8bit")
 OFFLOAD_DEVICES = ("none", "cpu")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
 PEFT_METHODS = ("lora", "prompt-tuning", "prefix-tuning", "ia3")
+# Row formats of causal-lm data (TRL's): one text; a prompt and its completion (strings, or lists of chat
+# messages); a conversation (chat messages) rendered with the chat template.
+DATA_FORMATS = ("text", "prompt-completion", "messages")
+CHAT_ROLES = ("system", "user", "assistant")
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,15 @@ class DataSettings:
     max_length: int = 128
     eval_fraction: float = 0.2        # share of train held out when eval is None
     split_seed: int = 0               # the held-out split must not change between trials
+    # causal-lm row format: text | prompt-completion | messages; None: from train's first row (its fields)
+    format: Optional[str] = None
+    prompt_field: str = "prompt"      # prompt-completion: a string, or a list of {role, content} messages
+    completion_field: str = "completion"   # the same type as the prompt; the part the loss covers
+    messages_field: str = "messages"  # messages: a list of {role, content}, roles system | user | assistant
+    # Jinja chat template (its text, not a path), used instead of the tokenizer's; None: the tokenizer's own
+    chat_template: Optional[str] = None
+    # prompt-completion and messages: the loss covers the completion (assistant turns) only; False: every token
+    completion_only_loss: bool = True
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ MIN_TRIALS_FOR_SENSITIVITY = 4   # trials with a result (complete or pruned), of
 MIN_COMPLETE = 3
 FIDELITY = "param__rounds_reached"   # the extra factor for pruned trials' lower-fidelity results
 LOW_FROM = 10   # trials from which an impact within the noise is rated LOW rather than left open
+ADJUST_FROM = 10   # trials from which the other settings' effects are removed (see `_adjusted`)
 MAX_BINS = 4
 MAX_DISCRETE = 5  # at most this many distinct numeric values: one bin per value
 CI = 0.90
@@ -171,9 +172,14 @@ def _adjusted(rows, param: str, metric: str, adjust_for: Sequence[str]):
     if not bins:
         return complete, [], own, np.zeros(0)
     y = np.array([float(r[metric]) for r in complete])
-    adjust = list(adjust_for) + ([FIDELITY] if complete and FIDELITY in complete[0] else [])
-    others = [_assign(complete, q)[1] for q in adjust if _column(q) != _column(param)]
-    return complete, bins, own, _partial_residuals(y, own, [ix for ix in others if (ix >= 0).any()])
+    fidelity = [_assign(complete, FIDELITY)[1]] if complete and FIDELITY in complete[0] else []
+    others = [ix for ix in (_assign(complete, q)[1] for q in adjust_for if _column(q) != _column(param))
+              if (ix >= 0).any()]
+    # An additive model over every setting's bins has about as many effects as a small search has trials, and
+    # would fit their noise: below ADJUST_FROM trials only the rounds pruned trials reached are adjusted for.
+    if len(complete) < ADJUST_FROM:
+        others = []
+    return complete, bins, own, _partial_residuals(y, own, [ix for ix in others + fidelity if (ix >= 0).any()])
 
 
 def _trend_axis(rows, param: str) -> Optional[np.ndarray]:

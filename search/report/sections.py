@@ -144,14 +144,16 @@ def searched_params(rows) -> List[str]:
             and len({repr(r.get(c)) for r in tried if r.get(c) is not None}) > 1]
 
 
-def sensitivity_blocks(rows, metric: str, mode: str, importances_by_method: Optional[Mapping]) -> List[Block]:
-    """Which setting matters for this task, how much, and where its good range lies."""
+def sensitivity_blocks(rows, metric: str, mode: str, importances_by_method: Optional[Mapping],
+                       derived: Sequence[str] = ()) -> List[Block]:
+    """Which setting matters for this task, how much, and where its good range lies; `derived`: settings
+    computed from searched ones (lora_alpha from alpha_ratio and r), left out of the table."""
     if not enough_for_sensitivity(rows):
         complete = sum(r["state"] == "COMPLETE" for r in rows)
         pruned = sum(r["state"] == "PRUNED" for r in rows)
         return [f"Needs at least {MIN_TRIALS_FOR_SENSITIVITY} trials with a result, {MIN_COMPLETE} of them "
                 f"complete; has {complete} complete and {pruned} pruned."]
-    params = [c[len("param_"):] for c in searched_params(rows)]
+    params = [c[len("param_"):] for c in searched_params(rows) if c[len("param_"):] not in derived]
     table = sensitivity_table(rows, params, metric, mode)
     pruned_used = any(r.pruned for r in table)
     blocks: List[Block] = [
@@ -207,7 +209,7 @@ def _plain(value):
 
 def sensitivity(data: ReportInput) -> Section:
     (metric, mode), objs = data.objectives[0], data.objectives
-    blocks = sensitivity_blocks(data.rows, metric, mode, data.importances)
+    blocks = sensitivity_blocks(data.rows, metric, mode, data.importances, derived_settings(data))
     edges = data.next_search.edges if data.next_search is not None else []
     if edges:   # before the table: the one finding a user acts on at once
         blocks.insert(1 if len(blocks) > 1 else 0,
@@ -221,11 +223,25 @@ def optuna_plots(data: ReportInput) -> Optional[Section]:
     """Optuna's own plots (report.html; report.md names what was not drawn and why)."""
     if not data.study_figures:
         return None
-    blocks: List[Block] = []
+    drawn = [figure.title for figure in data.study_figures if figure.svg]
+    blocks: List[Block] = [f"Optuna's own plots, in report.html: {'; '.join(drawn)}." if drawn else
+                           "Optuna drew no plot."]
     for figure in data.study_figures:
         blocks.append(Figure(figure.svg, figure.caption) if figure.svg
                       else f"{figure.title}: not drawn, {figure.reason}.")
     return Section("Plots", blocks)
+
+
+def derived_settings(data: ReportInput) -> List[str]:
+    """The settings of the rows that a searched ratio derives (lora_alpha from alpha_ratio and r)."""
+    from spaces.methods import get_method
+
+    try:
+        ratios = get_method(str(data.summary.get("method"))).ratios
+    except (KeyError, ValueError):   # a method registered in another process, or none
+        return []
+    names = set(columns(data.rows))
+    return [target for ratio, (target, _other) in ratios.items() if f"param_{ratio}" in names]
 
 
 def rank_section(data: ReportInput) -> Optional[Section]:

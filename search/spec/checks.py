@@ -49,10 +49,18 @@ def _hub_id_problems(key: str, source: str) -> List[str]:
 
 
 def data_problems(data: DataSection, task: str) -> List[str]:
-    """Files exist, have rows, and every row has the text (a string) and label field; a source that is no
-    local file is spelt as an HF dataset id."""
+    """Files exist, have rows, and every row has the fields of its format: the text (a string) and label
+    field, or a prompt and completion, or a conversation (trainers/data.py: each bad row named by its file,
+    row and field); a source that is no local file is spelt as an HF dataset id."""
+    from trainers.data import CAUSAL_LM, TEXT, resolve_format, rows_problems
+
     problems: List[str] = []
+    if task != CAUSAL_LM and data.format not in (None, TEXT):
+        problems.append(f"data.format: {task} reads data.text_field (and data.label_field); prompt-completion and "
+                        f"messages rows are for causal-lm, got {data.format!r}")
+        return problems
     rows_by_key: Dict[str, List[Mapping[str, Any]]] = {}
+    fmt: Optional[str] = None
     for key in ("train", "eval"):
         source = getattr(data, key)
         if source is None:
@@ -73,14 +81,31 @@ def data_problems(data: DataSection, task: str) -> List[str]:
             problems.append(f"data.{key}: has no rows, got an empty file {source}")
             continue
         rows_by_key[key] = rows
+        if fmt is None:   # train's first row decides (eval's where train is a hub dataset)
+            try:
+                fmt = resolve_format(data, task, rows)
+            except DataError as exc:
+                problems.append(f"data.format: {exc}")
+                return problems
+        if fmt != TEXT:
+            shown, bad = rows_problems(rows, data, fmt, split=key, limit=_MAX_SHOWN)
+            problems += [f"data.{key}: {problem}" for problem in shown]
+            if bad > len(shown):
+                problems.append(f"data.{key}: {bad} of {len(rows)} rows are bad for the {fmt} format "
+                                f"(the first {len(shown)} above)")
+            continue
         fields = [("text_field", data.text_field)]
         if task == "sequence-classification" and data.label_field:
             fields.append(("label_field", data.label_field))
         for field_key, name in fields:
             missing = _missing_field(rows, name)
             if missing:
+                hint = ""
+                if field_key == "text_field" and task == CAUSAL_LM and data.format is None:
+                    hint = ("; prompt-completion or chat rows need their fields: data.prompt_field and "
+                            "data.completion_field, or data.messages_field (or data.format)")
                 problems.append(f"data.{field_key}: {name!r} is missing or empty in {len(missing)} of {len(rows)} rows "
-                                f"of data.{key} (first: row {missing[0]}); the rows have: {_fields_of(rows)}")
+                                f"of data.{key} (first: row {missing[0]}); the rows have: {_fields_of(rows)}{hint}")
         not_text = _not_text(rows, data.text_field)
         if not_text:
             first = rows[not_text[0] - 1][data.text_field]
@@ -107,25 +132,26 @@ def data_problems(data: DataSection, task: str) -> List[str]:
 OVERLAP_ERROR_SHARE = 0.5
 
 
-def overlap_findings(data) -> Tuple[List[str], List[str]]:
+def overlap_findings(data, task: str = "causal-lm") -> Tuple[List[str], List[str]]:
     """(problems, warnings) about eval rows that also appear among the train rows the trials use.
 
     `data`: the trials' trainers.settings.DataSettings, so that a held-out split of data.train is the
     split the trials get. Exact copies of more than half the eval rows are a problem; fewer copies, or
     near copies (trainers/diagnostics.py), a warning. Hub datasets are skipped: validate downloads nothing.
+    A prompt-completion or chat row is compared by its words (prompt and completion, or every turn).
     """
-    from trainers.data import split_records
+    from trainers.data import row_text, split_with_format
     from trainers.diagnostics import NEAR_JACCARD, SHINGLE_WORDS, text_overlap
 
     if not is_local_source(data.train) or (data.eval is not None and not is_local_source(data.eval)):
         return [], []
     try:
-        train_rows, eval_rows = split_records(data)
+        train_rows, eval_rows, fmt = split_with_format(data, task)
     except DataError:
         return [], []   # data_problems has said what is wrong with the files
 
     def texts(rows: Sequence[Mapping[str, Any]]) -> List[str]:
-        return [row[data.text_field] for row in rows if isinstance(row.get(data.text_field), str)]
+        return [text for text in (row_text(row, data, fmt) for row in rows) if isinstance(text, str)]
 
     overlap = text_overlap(texts(train_rows), texts(eval_rows))
     if not overlap.exact and not overlap.near:
@@ -308,3 +334,105 @@ def embedded_gpu_problems(resources, gpus_here: Optional[int] = None) -> List[st
                 f"{resources.workers_per_trial} x gpus_per_worker={asked:g}), but this machine has {gpus_here} "
                 f"(embedded Ray); ask for fewer, {cluster}"]
     return []
+
+
+# More rows than this share whose completion does not fit max_length: invalid (most trials would learn cut
+# answers without their prompts). Fewer: a warning with the count.
+UNFIT_ERROR_SHARE = 0.5
+# validate tokenizes at most this many rows of each file for the count (the first ones).
+FIT_ROWS_CHECKED = 10_000
+
+
+def load_tokenizer(name_or_path: str):
+    """The model's tokenizer as the trainer loads it, or None where it is not here (a hub id not cached)."""
+    from trainers.hub import resolve_model_path
+
+    try:
+        from transformers import AutoTokenizer
+
+        path = resolve_model_path(name_or_path)
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception:   # inspect_reference reports a model that cannot be read; a hub id loads at run time
+        return None
+
+
+def smallest_max_length(spec) -> Tuple[int, str]:
+    """(the smallest max_length a trial may get, the key that sets it)."""
+    if "max_length" in spec.space:
+        return int(min(value for _subpath, value in spec.space["max_length"].extremes())), "space.max_length"
+    return int(spec.data.max_length), "data.max_length"
+
+
+def chat_data(spec):
+    """(DataSettings, format, tokenizer) where the spec trains on prompt-completion or messages rows of local
+    files and the tokenizer is here, else None. The format comes from data.format or train's first row."""
+    from trainers.data import CAUSAL_LM, TEXT, resolve_format
+
+    if spec.model.task != CAUSAL_LM or not is_local_source(spec.data.train):
+        return None
+    data = spec.trial_settings({}).data
+    try:
+        fmt = resolve_format(data, spec.model.task, read_records(data.train, split="train"))
+    except DataError:
+        return None   # data_problems has said what is wrong
+    if fmt == TEXT:
+        return None
+    tokenizer = load_tokenizer(spec.model.name_or_path)
+    return None if tokenizer is None else (data, fmt, tokenizer)
+
+
+def completion_findings(spec) -> Tuple[List[str], List[str]]:
+    """(problems, warnings) of rendering and tokenizing the prompt-completion or messages rows.
+
+    A row the chat template cannot render (or no template at all) is a problem naming file, row and field.
+    Rows whose completion (first to last completion token) is longer than the smallest max_length a trial may
+    get are counted: a warning, or a problem when they are more than UNFIT_ERROR_SHARE of a file."""
+    from trainers.data import NO_CHAT_TEMPLATE, encode_row
+
+    found = chat_data(spec)
+    if found is None:
+        return [], []
+    data, fmt, tokenizer = found
+    max_length, where = smallest_max_length(spec)
+    problems: List[str] = []
+    warnings: List[str] = []
+    for key in ("train", "eval"):
+        source = getattr(data, key)
+        if source is None or not is_local_source(source):
+            continue
+        try:
+            rows = read_records(source, split=key)
+        except DataError:
+            continue
+        checked = rows[:FIT_ROWS_CHECKED]
+        unfit: List[Tuple[int, int]] = []   # (row index, completion tokens)
+        bad = 0
+        for index, row in enumerate(checked):
+            try:
+                _ids, mask = encode_row(row, tokenizer, data, fmt)
+            except DataError as exc:
+                if str(exc) == NO_CHAT_TEMPLATE:
+                    return [f"data.chat_template: {spec.model.name_or_path}: {NO_CHAT_TEMPLATE}"], []
+                bad += 1
+                if bad <= _MAX_SHOWN:
+                    problems.append(f"data.{key}: {rows.where(index)}: {exc}")
+                continue
+            trained = [position for position, value in enumerate(mask) if value]
+            span = trained[-1] - trained[0] + 1
+            if span > max_length:
+                unfit.append((index, span))
+        if bad > _MAX_SHOWN:
+            problems.append(f"data.{key}: {bad} of {len(checked)} rows cannot be rendered "
+                            f"(the first {_MAX_SHOWN} above)")
+        if not unfit:
+            continue
+        of = f"{len(checked)} rows" if len(checked) == len(rows) else f"the first {len(checked)} rows"
+        first, tokens = unfit[0]
+        message = (f"{where}: the completions of {len(unfit)} of {of} of data.{key} do not fit {max_length} tokens "
+                   f"(first: {rows.where(first)}, {tokens} completion tokens); such a row loses its prompt and the "
+                   f"end of its completion")
+        if len(unfit) > UNFIT_ERROR_SHARE * len(checked):
+            problems.append(f"{message}; raise {where} or shorten the completions")
+        else:
+            warnings.append(f"warning: {message}")
+    return problems, warnings

@@ -282,7 +282,7 @@ def plateau_monitor(objective: ObjectiveSection) -> Tuple[str, str]:
 
 
 def build_trial_settings(spec, values: Mapping[str, Any]):
-    from trainers.settings import DataSettings, ModelSettings, PeftSettings, TrainingSettings, TrialSettings
+    from trainers.settings import ModelSettings, PeftSettings, TrainingSettings, TrialSettings
 
     training_names = [f.name for f in fields(TrainingSettings)]
     training = {name: values[name] for name in training_names if name in values}
@@ -293,13 +293,24 @@ def build_trial_settings(spec, values: Mapping[str, Any]):
         model = replace(model, gradient_checkpointing=False)
     return TrialSettings(
         model=model,
-        data=DataSettings(train=spec.data.train, eval=spec.data.eval, text_field=spec.data.text_field,
-                          label_field=spec.data.label_field, max_length=int(values["max_length"]),
-                          eval_fraction=spec.data.eval_fraction, split_seed=spec.search.seed),
+        data=data_settings(spec, int(values["max_length"])),
         peft=PeftSettings(spec.peft.method, resolved_peft_params(spec, values)),
         training=TrainingSettings(**training, evals_per_epoch=spec.search.evals_per_epoch, seed=spec.search.seed),
         engine=engine_settings(spec.resources),
     )
+
+
+def data_settings(spec, max_length: int):
+    """DataSettings of a spec's trials; a data.chat_template file is read here, so workers need no copy of it."""
+    from trainers.records import read_chat_template
+    from trainers.settings import DataSettings
+
+    data = spec.data
+    return DataSettings(train=data.train, eval=data.eval, text_field=data.text_field, label_field=data.label_field,
+                        max_length=max_length, eval_fraction=data.eval_fraction, split_seed=spec.search.seed,
+                        format=data.format, prompt_field=data.prompt_field, completion_field=data.completion_field,
+                        messages_field=data.messages_field, chat_template=read_chat_template(data.chat_template),
+                        completion_only_loss=data.completion_only_loss)
 
 
 def engine_settings(resources):

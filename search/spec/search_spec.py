@@ -175,11 +175,16 @@ def _is_local_data(value: Any, base_dir: str) -> bool:
 
 
 def _resolve_paths(raw: Dict[str, Any], base_dir: str) -> None:
+    from trainers.records import is_template_text
+
     data = raw.get("data")
     if isinstance(data, dict):
         for key in ("train", "eval"):
             if _is_local_data(data.get(key), base_dir):
                 data[key] = _resolve_path(data[key], base_dir)
+        template = data.get("chat_template")   # a file of it, not the template itself
+        if isinstance(template, str) and template.strip() and not is_template_text(template):
+            data["chat_template"] = _resolve_path(template, base_dir)
     resources = raw.get("resources")   # a copy (parse_spec), so the caller's mapping stays as it was
     deepspeed = resources.get("deepspeed") if isinstance(resources, dict) else None
     if isinstance(deepspeed, dict) and isinstance(deepspeed.get("config"), str):

@@ -16,7 +16,8 @@ from urllib.parse import urlsplit
 from search.spec.fields import Section, rule, show
 from search.store.storage import INSTALL_HINT, redact_url  # redact_url: spec.py imports it from here
 from spaces.methods import TRAINING_PARAMS
-from trainers.settings import ATTN_IMPLEMENTATIONS, DTYPES, OFFLOAD_DEVICES, OPTIMIZERS, QUANTIZATIONS, TASKS
+from trainers.settings import (ATTN_IMPLEMENTATIONS, DATA_FORMATS, DTYPES, OFFLOAD_DEVICES, OPTIMIZERS, QUANTIZATIONS,
+                               TASKS)
 
 NAME_PATTERN = r"[A-Za-z0-9._-]+"
 # The run directory's name, and the default W&B project (which allows 128 characters); a filesystem 255 bytes.
@@ -62,11 +63,43 @@ class DataSection(Section):
     max_length: int = rule(TRAINING_PARAMS["max_length"].default, param=TRAINING_PARAMS["max_length"])
     # share of train held out for eval when `eval` is not given (a seeded, fixed split)
     eval_fraction: float = rule(0.2, "float", low=0, low_open=True, high=1, high_open=True)
+    # added (issue 21): causal-lm rows in TRL's formats. text | prompt-completion | messages; null: the format
+    # whose fields train's first row holds (messages, then prompt + completion, then text)
+    format: Optional[str] = rule(None, nullable=True, choices=DATA_FORMATS)
+    prompt_field: str = rule("prompt")            # a string, or a list of {role, content} messages
+    completion_field: str = rule("completion")    # the same type as the prompt
+    messages_field: str = rule("messages")        # a conversation: a list of {role, content} messages
+    # a Jinja chat template, or the path of a file holding one, for chat rows (messages, or prompt and completion
+    # as message lists); null: the tokenizer's own
+    chat_template: Optional[str] = rule(None, nullable=True)
+    # the loss covers the completion / the assistant turns only; false: every token of the row
+    completion_only_loss: bool = rule(True, "bool")
 
     def extra_problems(self) -> List[str]:
         # an empty string would pass for an HF dataset id, which validate does not download
-        return [f"data.{key}: must name a data file or an HF dataset id, got an empty string"
-                for key in ("train", "eval") if getattr(self, key) is not None and not getattr(self, key).strip()]
+        problems = [f"data.{key}: must name a data file or an HF dataset id, got an empty string"
+                    for key in ("train", "eval") if getattr(self, key) is not None and not getattr(self, key).strip()]
+        for key in ("text_field", "prompt_field", "completion_field", "messages_field"):
+            if not getattr(self, key).strip():
+                problems.append(f"data.{key}: must name a field of the rows, got an empty string")
+        if self.prompt_field == self.completion_field:
+            problems.append(f"data.completion_field: must differ from data.prompt_field, got {self.completion_field!r} "
+                            f"for both")
+        if self.chat_template is not None:
+            problems += _chat_template_problems(self.chat_template)
+        return problems
+
+
+def _chat_template_problems(value: str) -> List[str]:
+    """data.chat_template: a template (it holds `{%` or `{{`) or an existing file; a file is read when each
+    trial's settings are built, so that workers need no copy of it."""
+    from trainers.records import is_template_text
+
+    if not value.strip():
+        return ["data.chat_template: must be a Jinja template or the path of a file holding one, got an empty string"]
+    if is_template_text(value) or os.path.isfile(os.path.expanduser(value)):
+        return []
+    return [f"data.chat_template: {value!r} is neither a Jinja template (no {{% or {{{{ in it) nor an existing file"]
 
 
 def _training_rule(name: str):

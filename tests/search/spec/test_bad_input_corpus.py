@@ -383,8 +383,11 @@ def test_run_with_an_address_goes_on_to_the_cluster(guarded, monkeypatch):
 
     monkeypatch.setattr(cluster.local, "connect", join)
     workspace = Workspace(guarded)
-    with pytest.raises(Joined, match="ray://head:10001"):
-        cli_main(["run", _gpu_spec(workspace), "--runs-dir", str(workspace.runs), "--address", "ray://head:10001"])
+    spec = _gpu_spec(workspace)
+    # an error past the checks ends the run with exit 1, its traceback in the run's log
+    assert cli_main(["run", spec, "--runs-dir", str(workspace.runs), "--address", "ray://head:10001"]) == 1
+    (log,) = workspace.runs.glob("*/logs/search.log")
+    assert "Joined: ray://head:10001" in log.read_text()
 
 
 def test_data_gone_between_validation_and_run_leaves_no_run_directory(guarded):
