@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from search.numbers import is_number
+from search.spec.guidance import quality_verdict
 from search.refine.sensitivity import (MIN_COMPLETE, MIN_TRIALS_FOR_SENSITIVITY, enough_for_sensitivity,
                                        sensitivity_table)
 from search.report import plots
@@ -99,6 +100,9 @@ def best_section(data: ReportInput) -> Section:
     values = ", ".join(f"{m} = {cell(best.get(m))}" for m, _ in objs[1:])
     blocks.append(f"Trial {best['number']}: **{metric} = {cell(best.get(metric))}**"
                   + (f", {values}" if values else ""))
+    verdict = quality_verdict(data.summary.get("task_kind"), best, data.summary.get("threshold"), metric)
+    if verdict:
+        blocks.append(verdict)
     baseline = data.summary.get("baseline")
     if baseline:
         shown = list(dict.fromkeys(["eval_accuracy", *(m for m, _ in objs)]))

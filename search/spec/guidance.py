@@ -75,3 +75,40 @@ def quality_verdict(task_kind: Optional[str], best: Mapping[str, object], thresh
         cleared &= value > bar
         parts.append(f"`{name}` {value:.3g} {'>' if value > bar else '<='} {bar:g}")
     return (f"{'Clears' if cleared else 'Does not clear'} {source}: " + ", ".join(parts) + ".")
+
+
+def guidance_findings(spec) -> List[str]:
+    """`setup_warnings` for a valid spec: its training rows (a local file's), the model's size and the
+    virtual tokens a prompt-tuning trial may get."""
+    from search.spec.checks import inspect_reference
+    from spaces.kinds import RatioTo
+
+    kind = spec.objective.task_kind
+    if kind is None:
+        return []
+    shape, _problems = inspect_reference(spec.model.name_or_path, spec.model.task)
+    tokens = spec.space.get("num_virtual_tokens")
+    if tokens is not None and not isinstance(tokens, RatioTo):
+        virtual = [value for _subpath, value in tokens.extremes()]
+    else:
+        virtual = [spec.peft.params.get("num_virtual_tokens", 20)] if spec.peft.method == "prompt-tuning" else []
+    return setup_warnings(kind, spec.peft.method, _rows(spec.data.train), approximate_params(shape), virtual)
+
+
+def approximate_params(shape) -> Optional[float]:
+    """A model's parameters, from its linear layers and embeddings (what dominates a transformer's count)."""
+    if shape is None or not shape.layers:
+        return None
+    embeddings = (shape.vocab_size or 0) * (shape.hidden_size or 0)
+    return float(sum(fan_in * fan_out for fan_in, fan_out in shape.layers.values()) + embeddings)
+
+
+def _rows(path: str) -> Optional[int]:
+    """The rows of a local JSON lines or CSV file (None for other data: an HF dataset id)."""
+    import os
+
+    if not (isinstance(path, str) and os.path.isfile(path) and path.endswith((".jsonl", ".csv"))):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        count = sum(1 for line in handle if line.strip())
+    return count - 1 if path.endswith(".csv") else count

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, List, Optional, Tuple, Union
 from urllib.parse import urlsplit
 
+from search.spec.guidance import TASK_KINDS
 from search.spec.fields import Section, rule, show
 from search.store.storage import INSTALL_HINT, redact_url  # redact_url: spec.py imports it from here
 from spaces.methods import TRAINING_PARAMS
@@ -135,6 +136,9 @@ class ObjectiveSection(Section):
     # one name (str), or several (tuple) for multi-objective search; empty: the task's default
     metric: Union[str, Tuple[str, ...]] = rule((), "names")
     mode: Union[str, Tuple[str, ...]] = rule((), "names", choices=("min", "max"))
+    # what the task is judged as (search/spec/guidance.py): the PEFT guide's data minimums and quality bar
+    task_kind: Optional[str] = rule(None, nullable=True, choices=TASK_KINDS)
+    threshold: Optional[float] = rule(None, "float", nullable=True)   # the user's own bar on the first metric
 
     @property
     def metrics(self) -> Tuple[str, ...]:

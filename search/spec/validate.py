@@ -25,6 +25,7 @@ def check_file(path: str, check_files: bool = True, check_model: bool = True,
     it asks for must be here; False for a cluster, whose nodes hold them. The machine and overlap checks
     run once the spec itself is valid (the overlap check reads the rows the trials would use)."""
     from search.spec.checks import completion_findings, embedded_gpu_problems, overlap_findings
+    from search.spec.guidance import guidance_findings
 
     try:
         spec = load_spec(path, check_files=check_files, check_model=check_model)
@@ -38,7 +39,7 @@ def check_file(path: str, check_files: bool = True, check_model: bool = True,
         if check_model:   # prompt-completion / messages rows: rendered with the model's tokenizer
             unfit, notes = completion_findings(spec)
             problems += unfit
-            warnings += notes
+            warnings += notes + guidance_findings(spec)
     return (None if problems else spec), problems, warnings
 
 

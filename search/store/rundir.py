@@ -92,6 +92,7 @@ def run_summary(spec, place: RunPlace) -> dict:
     return {
         "name": spec.name, "model": spec.model.name_or_path, "task": spec.model.task, "method": spec.peft.method,
         "metric": spec.objective.metric, "mode": spec.objective.mode, "algorithm": spec.search.algorithm,
+        "task_kind": spec.objective.task_kind, "threshold": spec.objective.threshold,
         # the password of a database URL is never written; PEFT_SEARCH_STORAGE supplies the full URL later
         "scheduler": spec.search.scheduler, "trials": spec.search.trials, "storage": redact_url(spec.storage),
         "study": place.study,

@@ -220,7 +220,8 @@ def make_run_dir(tmp_path, metric, mode, add_trials):
     run_dir = str(tmp_path / "run")
     (tmp_path / "run").mkdir()
     spec = SimpleNamespace(name="refresh-test", model=SimpleNamespace(name_or_path="minilm", task="causal-lm"),
-                           peft=SimpleNamespace(method="lora"), objective=SimpleNamespace(metric=metric, mode=mode),
+                           peft=SimpleNamespace(method="lora"),
+                           objective=SimpleNamespace(metric=metric, mode=mode, task_kind=None, threshold=None),
                            search=SimpleNamespace(algorithm="tpe", scheduler="asha", trials=20), storage="sqlite",
                            resources=SimpleNamespace(storage_path=None))
     write_summary(run_dir, spec)

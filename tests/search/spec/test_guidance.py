@@ -27,3 +27,33 @@ def test_quality_bar_of_the_task_or_the_users_own():
     assert own == "Clears your objective.threshold: `eval_accuracy` 0.6 > 0.5."
     assert quality_verdict("classification", {"eval_accuracy": 0.9}) is None      # no f1: no verdict
     assert quality_verdict(None, {"eval_f1": 0.9}) is None
+
+
+def test_validate_warns_from_the_guide_and_the_report_says_whether_the_bar_is_cleared(tmp_path):
+    import os
+
+    import yaml
+
+    from search.report.sections import ReportInput, best_section
+    from search.spec.validate import check_file
+
+    examples = os.path.join(os.path.dirname(__file__), "..", "..", "..", "examples")
+    raw = yaml.safe_load(open(os.path.join(examples, "quickstart.yaml")))
+    for key in ("train", "eval"):
+        raw["data"][key] = os.path.abspath(os.path.join(examples, raw["data"][key]))
+    raw["objective"].update(task_kind="classification", threshold=0.6)
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    spec, problems, warnings = check_file(str(path))
+    assert problems == [] and spec.objective.task_kind == "classification"
+    assert not any("rows; the PEFT guide" in w for w in warnings)   # 1595 train rows: above the minimum
+    raw["objective"]["task_kind"] = "sentiment"
+    path.write_text(yaml.safe_dump(raw))
+    _spec, problems, _warnings = check_file(str(path))
+    assert any(p.startswith("objective.task_kind:") for p in problems)
+
+    best = {"number": 3, "state": "COMPLETE", "eval_accuracy": 0.7}
+    summary = {"metric": "eval_accuracy", "mode": "max", "task_kind": "classification", "threshold": 0.6}
+    data = ReportInput(run_dir=str(tmp_path), summary=summary, rows=[best], best=best)
+    text = "\n".join(b for b in best_section(data).blocks if isinstance(b, str))
+    assert "Clears your objective.threshold: `eval_accuracy` 0.7 > 0.6." in text
