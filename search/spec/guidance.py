@@ -77,16 +77,14 @@ def quality_verdict(task_kind: Optional[str], best: Mapping[str, object], thresh
     return (f"{'Clears' if cleared else 'Does not clear'} {source}: " + ", ".join(parts) + ".")
 
 
-def guidance_findings(spec) -> List[str]:
-    """`setup_warnings` for a valid spec: its training rows (a local file's), the model's size and the
-    virtual tokens a prompt-tuning trial may get."""
-    from search.spec.checks import inspect_reference
+def guidance_findings(spec, shape) -> List[str]:
+    """`setup_warnings` for a valid spec: its training rows (a local file's), the model's size (from `shape`,
+    trainers.inspect.ModelShape or None) and the virtual tokens a prompt-tuning trial may get."""
     from spaces.kinds import RatioTo
 
     kind = spec.objective.task_kind
     if kind is None:
         return []
-    shape, _problems = inspect_reference(spec.model.name_or_path, spec.model.task)
     tokens = spec.space.get("num_virtual_tokens")
     if tokens is not None and not isinstance(tokens, RatioTo):
         virtual = [value for _subpath, value in tokens.extremes()]

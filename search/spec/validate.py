@@ -24,7 +24,7 @@ def check_file(path: str, check_files: bool = True, check_model: bool = True,
     `embedded`: the search runs on this machine's embedded Ray (no --address / RAY_ADDRESS), so the GPUs
     it asks for must be here; False for a cluster, whose nodes hold them. The machine and overlap checks
     run once the spec itself is valid (the overlap check reads the rows the trials would use)."""
-    from search.spec.checks import completion_findings, embedded_gpu_problems, overlap_findings
+    from search.spec.checks import completion_findings, embedded_gpu_problems, inspect_reference, overlap_findings
     from search.spec.guidance import guidance_findings
 
     try:
@@ -39,7 +39,9 @@ def check_file(path: str, check_files: bool = True, check_model: bool = True,
         if check_model:   # prompt-completion / messages rows: rendered with the model's tokenizer
             unfit, notes = completion_findings(spec)
             problems += unfit
-            warnings += notes + guidance_findings(spec)
+            warnings += notes
+            if spec.objective.task_kind is not None:
+                warnings += guidance_findings(spec, inspect_reference(spec.model.name_or_path, spec.model.task)[0])
     return (None if problems else spec), problems, warnings
 
 
