@@ -138,19 +138,17 @@ def limits_for(method: str) -> Dict[str, Any]:
     return dict(params_for(method))
 
 
-class SpecEdges:
-    """The edges a trial's configuration (Optuna's values, as Tune holds them) sits at in `spec`'s space: what
-    the progress lines flag when a new best trial comes in."""
+class SpaceEdges:
+    """The edges a trial's configuration (Optuna's values, as Tune holds them) sits at in a space: what the
+    progress lines flag when a new best trial comes in. It holds the space and the method only, no more of
+    the spec: Tune pickles it with its callbacks (tuner.pkl), and the spec holds secrets."""
 
-    def __init__(self, spec):
-        self.spec = spec
+    def __init__(self, space: Mapping[str, Kind], method: str):
+        self.space, self.method = dict(space), method
 
     def __call__(self, params: Mapping[str, Any]) -> List[Edge]:
-        from search.spec.params import display_name
-
-        try:
-            values = self.spec.decode(params)
-        except KeyError:   # not a configuration of this space
+        names = {key: kind.optuna_name(key) for key, kind in self.space.items() if kind.searched}
+        if not all(name in params for name in names.values()):   # not a configuration of this space
             return []
-        best = {key: values.get(display_name(key, kind)) for key, kind in self.spec.space.items()}
-        return edge_findings(self.spec.space, best, limits_for(self.spec.peft.method))
+        best = {key: self.space[key].decode(params[name]) for key, name in names.items()}
+        return edge_findings(self.space, best, limits_for(self.method))

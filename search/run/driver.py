@@ -15,7 +15,7 @@ from typing import Optional
 from cluster import leftovers, local
 from search.report import outputs
 from search.run import console
-from search.refine.edges import SpecEdges
+from search.refine.edges import SpaceEdges
 from search.run.packing import choose_pack
 from search.run.pool import start_pool
 from search.run.progress import CancelEndedTrials, ProgressLines
@@ -153,7 +153,7 @@ def _fit(spec, place: RunPlace, todo: ResumePlan) -> None:
             metric, mode = list(metric), list(mode)
         scheduler = make_scheduler(spec.search.scheduler, metric, mode, spec.max_rounds, spec.search.grace_rounds,
                                    spec.search.reduction_factor)
-        edges = SpecEdges(spec) if isinstance(metric, str) else None   # several objectives: no one best
+        edges = SpaceEdges(spec.space, spec.peft.method) if isinstance(metric, str) else None   # one best only
         trainable = tune.with_parameters(tune_trial, spec=spec, place=place, threads_per_worker=threads,
                                          pool=pool)
         tuner = tune.Tuner(

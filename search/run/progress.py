@@ -32,7 +32,7 @@ class ProgressLines(Callback):
                  edges: Optional[Callable[[dict], list]] = None):
         """`console`: where the lines go (default: the running search's, else sys.stdout); `log`: the log whose
         tail a failed trial shows (default: the running search's, else none); `edges`: a best trial's params ->
-        the range edges they sit at (search/refine/edges.SpecEdges), flagged as each new best comes in."""
+        the range edges they sit at (search/refine/edges.SpaceEdges), flagged as each new best comes in."""
         self.metrics = [metric] if isinstance(metric, str) else list(metric)
         self.mode = mode if isinstance(mode, str) else mode[0]
         self.total = total

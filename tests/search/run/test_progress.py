@@ -158,14 +158,14 @@ def test_only_the_first_failed_trials_show_a_tail(tmp_path):
 
 
 def test_a_new_best_at_a_range_edge_is_flagged_once_with_the_wider_range(capsys):
-    from search.refine.edges import SpecEdges
+    from search.refine.edges import SpaceEdges
     from search.spec.search_spec import parse_spec
 
     spec = parse_spec({
         "name": "edges", "model": {"name_or_path": "minilm"}, "data": {"train": "t.jsonl", "label_field": "label"},
         "peft": {"method": "lora"}, "space": {"learning_rate": {"low": 1e-4, "high": 3e-3, "log": True}},
         "tracking": {"wandb": "disabled"}}, check_files=False, check_model=False)
-    progress = ProgressLines("eval_accuracy", "max", total=4, heartbeat_s=3600, edges=SpecEdges(spec))
+    progress = ProgressLines("eval_accuracy", "max", total=4, heartbeat_s=3600, edges=SpaceEdges(spec.space, spec.peft.method))
 
     def finished(number, lr, accuracy):
         t = SimpleNamespace(config={TRIAL_NUMBER_KEY: number, "learning_rate": lr}, status="TERMINATED",
