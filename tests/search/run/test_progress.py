@@ -1,8 +1,9 @@
 """Progress lines: counts by outcome, running trials, best so far and time left (Tune calls these hooks); on a
 terminal a status line rewritten in place, elsewhere plain lines; a failed trial's log tail."""
-import io
 import pickle
 from types import SimpleNamespace
+
+from test_console import Screen
 
 from search.run.console import CLEAR_LINE, Console, RunLog
 from search.run.progress import ProgressLines
@@ -39,17 +40,6 @@ def test_several_objectives_are_all_shown_and_heartbeat_waits(capsys):
     progress.on_step_end(0, [trial(1, "RUNNING")])   # within the heartbeat interval: quiet
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and "eval_accuracy=0.8, adapter_mb=1.5" in out[0]
-
-
-class Screen(io.StringIO):
-    """A fake terminal."""
-
-    def __init__(self, tty):
-        super().__init__()
-        self.tty = tty
-
-    def isatty(self):
-        return self.tty
 
 
 def test_on_a_tty_the_tally_is_a_status_line_rewritten_in_place_below_the_trial_lines():
