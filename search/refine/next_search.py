@@ -49,9 +49,9 @@ class NextSearch:
 
 
 def plan_next_search(ran: Mapping[str, Any], study, rows: Sequence[Dict[str, object]], metric: str,
-                     mode: str) -> Optional[NextSearch]:
+                     mode: str, scores=None) -> Optional[NextSearch]:
     """The next search from `ran` (the run directory's spec.yaml, as data), or None when the spec's space
-    cannot be read back or no trial completed."""
+    cannot be read back or no trial completed; `scores`: the study's importances, if computed already."""
     from search.spec.params import display_name, parse_space
 
     method = (ran.get("peft") or {}).get("method", "lora")
@@ -63,8 +63,8 @@ def plan_next_search(ran: Mapping[str, Any], study, rows: Sequence[Dict[str, obj
     names = {key: display_name(key, kind) for key, kind in space.items()}
     params = [SearchedParam(names[key], kind.optuna_name(key), kind) for key, kind in space.items() if kind.searched]
     settings = RefineSettings(every=1)
-    plan = plan_refinement(rows, params, metric, mode, Refiner(params, metric, mode, settings).importance(study),
-                           settings)
+    importance = Refiner(params, metric, mode, settings).importance(study, scores)
+    plan = plan_refinement(rows, params, metric, mode, importance, settings)
     edges = edge_findings(space, {key: best.get(f"param_{names[key]}") for key in space}, limits_for(method))
     new_space = dict(ran.get("space") or {})
     reasons: Dict[str, str] = {}
@@ -114,7 +114,7 @@ class Written:
     edges: List[Edge]    # the ranges it widened, as found
 
 
-def write_next_search(run_dir: str, study, rows, metric: str, mode: str) -> Optional[Written]:
+def write_next_search(run_dir: str, study, rows, metric: str, mode: str, scores=None) -> Optional[Written]:
     """RUN_DIR/next_spec.yaml from RUN_DIR/spec.yaml (None: nothing written)."""
     import os
 
@@ -128,7 +128,7 @@ def write_next_search(run_dir: str, study, rows, metric: str, mode: str) -> Opti
         return None
     if not isinstance(ran, dict):
         return None
-    found = plan_next_search(ran, study, rows, metric, mode)
+    found = plan_next_search(ran, study, rows, metric, mode, scores)
     if found is None:
         return None
     path = os.path.join(run_dir, NEXT_SPEC_FILE)

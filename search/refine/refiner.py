@@ -307,9 +307,11 @@ class Refiner:
         log.info("refinement %d after %d finished trials: %s", self.index, finished, entry["reason"])
         return entry
 
-    def importance(self, study) -> Dict[str, Optional[float]]:
-        """Per setting, the largest importance any evaluator gives it (None if none rated it)."""
-        scores = importances(study)
+    def importance(self, study, scores: Optional[Mapping[str, Mapping[str, float]]] = None
+                   ) -> Dict[str, Optional[float]]:
+        """Per setting, the largest importance any evaluator gives it (None if none rated it); `scores`: the
+        study's importances where the caller computed them already."""
+        scores = importances(study) if scores is None else scores
         out: Dict[str, Optional[float]] = {}
         for p in self.params:
             found = [by_name[p.optuna_name] for by_name in scores.values() if p.optuna_name in by_name]

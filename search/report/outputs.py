@@ -80,16 +80,17 @@ def refresh(run_dir: str, wall_s: Optional[float] = None, storage: Optional[str]
 
     (metric, mode), several = objs[0], len(objs) > 1
     settings = os.path.join(run_dir, BEST_DIR, SETTINGS_FILE)
+    scores = importances(study) if report.enough_for_sensitivity(rows) else None
     data = report.ReportInput(
         run_dir=run_dir, summary=summary, rows=rows, best=best, wall_s=wall_s,
-        importances=importances(study) if report.enough_for_sensitivity(rows) else None,
+        importances=scores,
         refinements=_refinements(study.user_attrs.get(REFINEMENTS_ATTR)),
         peft_config=best_peft_config(run_dir, best) if best is not None else None,
         settings_path=settings if published and os.path.isfile(settings) else None,
         adapter_dir=os.path.join(run_dir, BEST_DIR) if published else None,
         packing=read_packing(run_dir),
         # several objectives have no one best region to move the space to
-        next_search=None if several else write_next_search(run_dir, study, rows, metric, mode),
+        next_search=None if several else write_next_search(run_dir, study, rows, metric, mode, scores),
         # not Optuna's slice plot: it leaves pruned trials out, and the Sensitivity section's slices show them
         study_figures=[draw(study, metric) for draw in (figures.optimization_history, figures.parallel_coordinates,
                                                         figures.contour, figures.importances)])
