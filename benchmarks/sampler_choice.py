@@ -37,8 +37,9 @@ Method: tabular benchmarking with a surrogate, as Syne Tune's blackbox repositor
    reach plain TPE's best at N of the same seed (at most 2N; not reached counts as infinity in medians).
 
 Arms. Candidates for the default: `random`, `tpe` (the product's make_sampler("tpe"): multivariate, 4
-startup trials; also the product's current default, refinement off), `gp` (optuna.samplers.GPSampler with 4
-startup trials like the product's TPE; Optuna's default of 10 would make it a random search up to N = 10),
+startup trials; the product's default before this benchmark, refinement off), `gp` (the product's
+make_sampler("gp"): Optuna's GPSampler with 4 startup trials like the product's TPE; Optuna's default of 10
+would make it a random search up to N = 10; with no pruned trials in a replay it is Optuna's GPSampler as is),
 `tpe+refine`. Shown for reference: `tpe-optuna` (Optuna's own TPE defaults: univariate, 10 startup
 trials) and, with `--reference gp-optuna`, Optuna's default GPSampler (10 startup trials; it costs as much
 as `gp`).
@@ -56,7 +57,7 @@ Refinement is thereby included only if tpe+refine wins that way.
 
 `check` runs a few live searches through the CLI (`peft-search run`, embedded Ray, the same cut data) with
 the default's algorithm and TPE (or, when the default stays TPE, the two arms given), and compares their best
-at N with the table's medians. The CLI accepts tpe, random and refine_every, not the GP sampler.
+at N with the table's medians.
 
 On a 2-core machine shared with test runs, the results were made with (one build per task, in parallel,
 each single-threaded; build stops at its time budget and resumes from the table when run again):
@@ -66,13 +67,14 @@ each single-threaded; build stops at its time budget and resumes from the table 
     nice -n 19 python benchmarks/sampler_choice.py replay --seeds 10 --jobs 3
     nice -n 19 python benchmarks/sampler_choice.py replay --seeds 5 --jobs 3 --surrogate gp --reference
     nice -n 19 python benchmarks/sampler_choice.py check --task docstrings --trials 10 --seeds 0 --arms tpe random
+    nice -n 19 python benchmarks/sampler_choice.py check --task docstrings --trials 10 --seeds 0 1 --arms gp tpe
 
 Options: build [--points 96] [--replicates 3] [--replicate-after 24]; replay [--tasks ...] [--surrogate
 forest|gp|knn] [--reference tpe-optuna gp-optuna]; check [--task] [--trials] [--seeds] [--arms A B].
 
 Writes benchmarks/results/sampler_choice_table_<task>.json (build), sampler_choice.json and
 sampler_choice.svg (replay; sampler_choice_<surrogate>.json / .svg for another surrogate) and
-sampler_choice_check.json (check).
+sampler_choice_check_<arm>_<arm>.json (check).
 """
 import argparse
 import csv
@@ -437,12 +439,10 @@ def make_arm(arm: str, seed: int, spec, tools):
     """(sampler, refiner or None) of an arm, as a search builds them."""
     import optuna
 
-    if arm in ("random", "tpe"):
+    if arm in ("random", "tpe", "gp"):   # gp: the product's, GPSampler with 4 startup trials (search/run/gp.py)
         return tools["make_sampler"](arm, seed), None
     if arm == "tpe+refine":   # as the searcher: the product's TPE inside a RefinedSampler, and the Refiner
         return tools["RefinedSampler"](tools["make_sampler"]("tpe", seed), seed), tools["Refiner"].from_spec(spec)
-    if arm == "gp":           # warn_independent_sampling: the enqueued first trial is sampled independently
-        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=4, warn_independent_sampling=False), None
     if arm == "gp-optuna":
         return optuna.samplers.GPSampler(seed=seed, warn_independent_sampling=False), None
     if arm == "tpe-optuna":
@@ -740,10 +740,6 @@ def check(args):
     for seed in args.seeds:
         for arm in arms:
             algorithm = arm.split("+")[0]
-            if algorithm not in ("tpe", "random"):
-                live.append({"seed": seed, "arm": arm, "skipped": f"the CLI does not accept algorithm {algorithm}"})
-                print(live[-1], flush=True)
-                continue
             spec = json.loads(json.dumps(base))
             spec["name"] = f"sampler-choice-{args.task}-{arm.replace('+', '-')}-{seed}"
             spec["data"].update(train=os.path.join(workdir, f"{args.task}_train.jsonl"),
@@ -765,7 +761,7 @@ def check(args):
             print({k: v for k, v in live[-1].items() if k != "stderr_tail"}, flush=True)
     out = compare({"task": args.task, "trials": args.trials, "seeds": args.seeds, "arms": arms, "live": live})
     print(json.dumps({k: v for k, v in out.items() if k != "live"}))
-    with open(os.path.join(RESULTS, "sampler_choice_check.json"), "w") as handle:
+    with open(os.path.join(RESULTS, f"sampler_choice_check_{'_'.join(arms).replace('+', '-')}.json"), "w") as handle:
         json.dump(out, handle, indent=1)
 
 

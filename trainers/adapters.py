@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
-from trainers.data import CAUSAL_LM, CLASSIFICATION
+from trainers.data import CAUSAL_LM, CLASSIFICATION, TOKEN_CLASSIFICATION
 from trainers.settings import PeftSettings
 
-# PEFT's task types: SEQ_CLS also makes the classification head trainable (modules_to_save).
-TASK_TYPES = {CLASSIFICATION: "SEQ_CLS", CAUSAL_LM: "CAUSAL_LM"}
+# PEFT's task types: SEQ_CLS and TOKEN_CLS also make the classification head trainable (modules_to_save).
+TASK_TYPES = {CLASSIFICATION: "SEQ_CLS", CAUSAL_LM: "CAUSAL_LM", TOKEN_CLASSIFICATION: "TOKEN_CLS"}
 
 # method -> known parameters and their defaults (published practice: r 8, alpha 2r, dropout 0.05)
 DEFAULTS: Dict[str, Dict[str, Any]] = {
@@ -24,15 +24,30 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
 PROMPT_INITS = {"random": "RANDOM", "sample-vocab": "SAMPLE_VOCAB", "text": "TEXT"}
 
 
+def method_task_problem(method: str, task: str) -> Optional[str]:
+    """Why PEFT cannot train `method` for `task` on any model, or None (prefix tuning depends on the model too:
+    `prefix_tuning_problem`)."""
+    if method == "prompt-tuning" and task == TOKEN_CLASSIFICATION:
+        import peft
+
+        # PeftModelForTokenClassification prepends the virtual tokens to the inputs but not to the labels, so
+        # the model's loss compares rows + virtual tokens logits with rows labels and fails at the first step.
+        return (f"prompt-tuning cannot train token-classification with PEFT {peft.__version__}: PEFT prepends the "
+                f"virtual tokens to the input but not to the per-token labels, so the loss fails on their "
+                f"different lengths; use LoRA, IA3 or prefix-tuning")
+    return None
+
+
 def prefix_tuning_problem(model, task: str) -> Optional[str]:
-    """Why PEFT cannot prefix-tune `model` for `task`, or None. For a classifier PEFT hands the prefix to the
-    model's (or its backbone's) forward as `past_key_values` and checks the signature first; transformers 5.24
-    renamed that argument `cache`, which PEFT 0.21 does not know. Causal LMs take it through **kwargs."""
+    """Why PEFT cannot prefix-tune `model` for `task`, or None. For a sequence or token classifier PEFT hands the
+    prefix to the model's (or its backbone's) forward as `past_key_values` and checks the signature first;
+    transformers 5.24 renamed that argument `cache`, which PEFT 0.21 does not know. Causal LMs take it through
+    **kwargs."""
     import inspect
 
     from transformers import PreTrainedModel
 
-    if task != CLASSIFICATION:
+    if task not in (CLASSIFICATION, TOKEN_CLASSIFICATION):
         return None
 
     def takes_prefix(module) -> bool:
@@ -162,7 +177,9 @@ def build_peft_config(peft: PeftSettings, model, task: str, tokenizer_path: Opti
     if task not in TASK_TYPES:
         raise ValueError(f"model.task must be one of {list(TASK_TYPES)}, got {task!r}")
     params = method_params(peft)
-    problem = prefix_tuning_problem(model, task) if peft.method == "prefix-tuning" else None
+    problem = method_task_problem(peft.method, task)
+    if problem is None and peft.method == "prefix-tuning":
+        problem = prefix_tuning_problem(model, task)
     if problem:   # PEFT itself would fail only at the first forward, with a message that names no fix
         raise ValueError(f"peft.method: {problem}")
     return BUILDERS[peft.method](params, model, TASK_TYPES[task], tokenizer_path)

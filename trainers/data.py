@@ -28,9 +28,11 @@ from trainers.settings import CHAT_ROLES, DataSettings
 
 CLASSIFICATION = "sequence-classification"
 CAUSAL_LM = "causal-lm"
+TOKEN_CLASSIFICATION = "token-classification"   # words + BIO tags: trainers/token_data.py
 IGNORE_INDEX = -100          # what torch's cross-entropy skips: padding and prompt positions
 KEEP = "keep"                # eval batches only: 0 for rows duplicated to even out the ranks' shards
 TEXT, PROMPT_COMPLETION, MESSAGES = "text", "prompt-completion", "messages"
+TOKENS = "tokens"            # the rows of token-classification: words and their tags
 ASSISTANT = "assistant"
 # A chat template that marks the assistant's part itself (what transformers' return_assistant_tokens_mask reads).
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
@@ -50,12 +52,12 @@ def split_records(data: DataSettings, task: Optional[str] = None) -> Tuple[List[
 def split_with_format(data: DataSettings, task: Optional[str]):
     """(train rows, eval rows, the rows' format); the rows of a chat format checked when `task` is given (as
     `split_records`); the format is data.format or that of train's first row (`resolve_format`)."""
-    train = read_records(data.train, split="train")
+    train = read_rows(data.train, data, task, split="train")
     fmt = resolve_format(data, task, train) if task is not None else TEXT
     if task is not None:
         check_rows(train, data, fmt, split="train")
     if data.eval:
-        held = read_records(data.eval, split="validation")
+        held = read_rows(data.eval, data, task, split="validation")
         if task is not None:
             check_rows(held, data, fmt, split="eval")
         return train, held, fmt
@@ -69,6 +71,15 @@ def split_with_format(data: DataSettings, task: Optional[str]):
     held_out = set(order[:n_eval])
     return ([row for i, row in enumerate(train) if i not in held_out],
             [row for i, row in enumerate(train) if i in held_out], fmt)
+
+
+def read_rows(source: str, data: DataSettings, task: Optional[str], split: str = "train"):
+    """The Records of `source`; token-classification also reads CoNLL column files (trainers/token_data.py)."""
+    if task == TOKEN_CLASSIFICATION:
+        from trainers.token_data import read_token_records
+
+        return read_token_records(source, data, split=split)
+    return read_records(source, split=split)
 
 
 def label_mapping(train_rows: Sequence[Dict[str, Any]], label_field: str) -> Dict[str, int]:
@@ -97,6 +108,8 @@ def resolve_format(data: DataSettings, task: str, rows: Sequence[Mapping[str, An
     """data.format, else the format whose fields train's first row holds (TRL's rule): `messages`, then
     prompt + completion, then text. Classification always reads text. DataError where the first row holds the
     fields of more than one format: which one is meant must be said (data.format)."""
+    if task == TOKEN_CLASSIFICATION:
+        return TOKENS
     if task != CAUSAL_LM:
         return TEXT
     if data.format:
@@ -150,7 +163,11 @@ def _messages_problem(messages: Sequence[Any], name: str) -> Optional[Tuple[str,
 
 
 def row_problem(row: Any, data: DataSettings, fmt: str) -> Optional[Tuple[str, str]]:
-    """(field, what is wrong) of a prompt-completion or messages row, or None when it can be trained on."""
+    """(field, what is wrong) of a prompt-completion, messages or tokens row, or None when it can be trained on."""
+    if fmt == TOKENS:
+        from trainers.token_data import token_row_problem
+
+        return token_row_problem(row, data)
     if not isinstance(row, Mapping):
         return "row", f"must be a mapping of fields, got {_kind(row)}"
     if fmt == MESSAGES:
@@ -242,6 +259,10 @@ def row_text(row: Mapping[str, Any], data: DataSettings, fmt: str) -> Optional[s
 
     if not isinstance(row, Mapping):
         return None
+    if fmt == TOKENS:
+        from trainers.token_data import row_words
+
+        return row_words(row, data)
     if fmt == MESSAGES:
         return words(row.get(data.messages_field))
     if fmt == PROMPT_COMPLETION:
@@ -261,7 +282,7 @@ def chat_template_of(tokenizer, data: DataSettings) -> str:
     return template
 
 
-def _render(tokenizer, messages: Sequence[Mapping[str, Any]], template: str, generation_prompt: bool) -> str:
+def render_chat(tokenizer, messages: Sequence[Mapping[str, Any]], template: str, generation_prompt: bool) -> str:
     try:
         return tokenizer.apply_chat_template([dict(message) for message in messages], chat_template=template,
                                              tokenize=False, add_generation_prompt=generation_prompt)
@@ -324,8 +345,8 @@ def _assistant_spans(tokenizer, messages: Sequence[Mapping[str, Any]], template:
     for index, message in enumerate(messages):
         if message["role"] != ASSISTANT:
             continue
-        before = _render(tokenizer, messages[:index], template, generation_prompt=True)
-        through = _render(tokenizer, messages[:index + 1], template, generation_prompt=False)
+        before = render_chat(tokenizer, messages[:index], template, generation_prompt=True)
+        through = render_chat(tokenizer, messages[:index + 1], template, generation_prompt=False)
         if not (through.startswith(before) and rendered.startswith(through)):
             raise DataError(f"field {field}[{index}]: the chat template does not render this conversation turn by "
                             f"turn (the text up to this assistant turn is not a prefix of the whole), so the "
@@ -355,8 +376,8 @@ def encode_row(row: Mapping[str, Any], tokenizer, data: DataSettings, fmt: str) 
         template = chat_template_of(tokenizer, data)
         if fmt == PROMPT_COMPLETION:
             prompt, completion = list(row[data.prompt_field]), list(row[data.completion_field])
-            before = _render(tokenizer, prompt, template, generation_prompt=True)
-            rendered = _render(tokenizer, prompt + completion, template, generation_prompt=False)
+            before = render_chat(tokenizer, prompt, template, generation_prompt=True)
+            rendered = render_chat(tokenizer, prompt + completion, template, generation_prompt=False)
             if not rendered.startswith(before):
                 raise DataError(f"field {data.prompt_field}: the chat template renders the prompt differently alone "
                                 f"than followed by the completion, so the completion cannot be found")
@@ -368,7 +389,7 @@ def encode_row(row: Mapping[str, Any], tokenizer, data: DataSettings, fmt: str) 
                 rendered, spans = _generation_spans(tokenizer, messages, template)
                 ids, mask = _tokens_with_spans(tokenizer, rendered, spans, add_special_tokens=False)
             else:
-                rendered = _render(tokenizer, messages, template, generation_prompt=False)
+                rendered = render_chat(tokenizer, messages, template, generation_prompt=False)
                 spans = _assistant_spans(tokenizer, messages, template, rendered, data.messages_field)
                 ids, mask = _tokens_with_spans(tokenizer, rendered, spans, add_special_tokens=False)
     if not any(mask):
@@ -426,6 +447,10 @@ def tokenize_rows(rows: Sequence[Dict[str, Any]], tokenizer, task: str, data: Da
     `fmt`: the row format (None: `resolve_format` of these rows). Text rows carry no labels (the collator
     derives them: every token counts); prompt-completion and messages rows carry their own."""
     fmt = fmt or resolve_format(data, task, rows)
+    if task == TOKEN_CLASSIFICATION:
+        from trainers.token_data import tokenize_token_rows
+
+        return tokenize_token_rows(rows, tokenizer, data, labels, source=source)
     if task == CAUSAL_LM and fmt != TEXT:
         examples = []
         for index, row in enumerate(rows):
@@ -531,7 +556,7 @@ class TrialRows:
     """The raw rows of a trial and its label mapping, before tokenization (no tokenizer needed)."""
     train: List[Dict[str, Any]]
     eval: List[Dict[str, Any]]
-    labels: Optional[Dict[str, int]]     # classification only
+    labels: Optional[Dict[str, int]]     # classification: label -> id; token-classification: tag -> id
     format: str = TEXT                   # the rows' format (resolve_format of train)
 
 
@@ -542,6 +567,13 @@ def read_trial_rows(data: DataSettings, task: str) -> TrialRows:
         raise DataError(f"{data.train}: the train and eval splits must both hold rows "
                         f"(got {len(train_rows)} train, {len(eval_rows)} eval)")
     labels = label_mapping(train_rows, data.label_field) if task == CLASSIFICATION else None
+    if task == TOKEN_CLASSIFICATION:
+        from trainers.token_data import tag_mapping, unseen_tags
+
+        labels = tag_mapping(train_rows, data)
+        unseen = unseen_tags(eval_rows, labels, data)
+        if unseen:   # a tag the model has no output for: an error now, not a crash in the first eval
+            raise DataError(unseen)
     return TrialRows(train=train_rows, eval=eval_rows, labels=labels, format=fmt)
 
 
@@ -551,6 +583,10 @@ def build_data(rows: TrialRows, data: DataSettings, tokenizer, task: str, batch_
     train_examples = tokenize_rows(rows.train, tokenizer, task, data, rows.labels, source="train", fmt=rows.format)
     eval_examples = tokenize_rows(rows.eval, tokenizer, task, data, rows.labels, source="eval", fmt=rows.format)
     collate = PadCollator(tokenizer.pad_token_id, task)
+    if task == TOKEN_CLASSIFICATION:
+        from trainers.token_data import TokenCollator
+
+        collate = TokenCollator(tokenizer.pad_token_id, rows.labels)
 
     if ctx.world_size > 1:
         if len(train_examples) < ctx.world_size:

@@ -17,6 +17,7 @@ from trainers.hub import MODEL_ALIASES, looks_like_local_path, resolve_model_pat
 _AUTO_CLASSES = {
     "sequence-classification": "AutoModelForSequenceClassification",
     "causal-lm": "AutoModelForCausalLM",
+    "token-classification": "AutoModelForTokenClassification",
 }
 
 

@@ -2,7 +2,8 @@
 
 classification: eval_loss (mean cross-entropy per row), eval_accuracy, eval_f1 (macro over labels);
 causal-lm: eval_loss (mean cross-entropy per predicted token), eval_perplexity = exp(eval_loss),
-eval_accuracy (share of predicted tokens whose argmax is the next token).
+eval_accuracy (share of predicted tokens whose argmax is the next token);
+token-classification: trainers/token_metrics.py (entity-level precision, recall, F1, per-type F1).
 """
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from trainers.data import CAUSAL_LM, IGNORE_INDEX, KEEP
+from trainers.data import CAUSAL_LM, IGNORE_INDEX, KEEP, TOKEN_CLASSIFICATION
 from trainers.distributed import all_reduce
+from trainers.token_metrics import TokenCounts
 
 
 class EvalCounts:
@@ -29,10 +31,15 @@ class EvalCounts:
         self.true_pos = [0.0] * self.num_labels
         self.false_pos = [0.0] * self.num_labels
         self.false_neg = [0.0] * self.num_labels
+        self.tokens = TokenCounts() if task == TOKEN_CLASSIFICATION else None   # entity counts, per type
 
     def add(self, logits: torch.Tensor, batch: Dict[str, torch.Tensor]) -> None:
         keep = batch[KEEP].to(logits.device) if KEEP in batch else torch.ones(logits.shape[0], device=logits.device)
-        if self.task == CAUSAL_LM:
+        if self.tokens is not None:
+            from trainers.token_data import TAG_NAMES
+
+            self.tokens.add(logits.float(), batch["labels"].to(logits.device), keep, batch[TAG_NAMES])
+        elif self.task == CAUSAL_LM:
             self._add_lm(logits.float(), batch["labels"].to(logits.device), keep)
         else:
             self._add_classification(logits.float(), batch["labels"].to(logits.device), keep)
@@ -63,7 +70,7 @@ class EvalCounts:
 
     def _as_list(self) -> List[float]:
         return [self.loss_sum, self.loss_items, self.correct, self.rows,
-                *self.true_pos, *self.false_pos, *self.false_neg]
+                *self.true_pos, *self.false_pos, *self.false_neg, *(self.tokens.as_list() if self.tokens else [])]
 
     def reduced(self) -> "EvalCounts":
         """The counts summed over all ranks (the identity without torch.distributed)."""
@@ -71,10 +78,15 @@ class EvalCounts:
         total = EvalCounts(self.task, self.num_labels)
         total.loss_sum, total.loss_items, total.correct, total.rows = values[:4]
         n = self.num_labels
-        total.true_pos, total.false_pos, total.false_neg = values[4:4 + n], values[4 + n:4 + 2 * n], values[4 + 2 * n:]
+        total.true_pos, total.false_pos = values[4:4 + n], values[4 + n:4 + 2 * n]
+        total.false_neg = values[4 + 2 * n:4 + 3 * n]
+        if self.tokens is not None:
+            total.tokens = self.tokens.from_list(values[4 + 3 * n:])
         return total
 
     def metrics(self) -> Dict[str, float]:
+        if self.tokens is not None:
+            return self.tokens.metrics()
         loss = self.loss_sum / self.loss_items if self.loss_items else float("nan")
         if self.task == CAUSAL_LM:
             # exp overflows past ~709; a perplexity that large means "diverged" anyway

@@ -11,13 +11,15 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from trainers.data import CLASSIFICATION
+from trainers.data import CLASSIFICATION, TOKEN_CLASSIFICATION
 from trainers.hub import resolve_model_path
 from trainers.kernels import from_pretrained_kwargs, prepare_adapter, prepare_base, wants_checkpointing
 from trainers.settings import DTYPES, QUANTIZATIONS, TASKS, ModelSettings, PeftSettings, TrialSettings
 
-# The heads PEFT trains in full on a classifier (its SEQ_CLS modules_to_save, matched as name suffixes).
+# The heads PEFT trains in full on a classifier (its SEQ_CLS / TOKEN_CLS modules_to_save, matched as name suffixes).
 CLASSIFIER_HEADS = ("classifier", "score")
+# Tasks with a classification head of num_labels outputs (one per label, or per tag).
+LABELLED_TASKS = (CLASSIFICATION, TOKEN_CLASSIFICATION)
 
 
 @dataclass
@@ -25,7 +27,7 @@ class LoadedBase:
     model: Any                       # a transformers PreTrainedModel, frozen adapters aside
     tokenizer: Any
     model_type: str                  # config.model_type, e.g. "bert", "llama"
-    task: str                        # sequence-classification | causal-lm
+    task: str                        # sequence-classification | causal-lm | token-classification
     path: str                        # the resolved local directory or hub id
     dtype: torch.dtype               # compute dtype of the frozen weights
     quantization: str                # none | nf4 | int8
@@ -97,21 +99,22 @@ def load_base(model: ModelSettings, num_labels: Optional[int] = None,
     models: each rank loads the 4-bit base, and DeepSpeed partitions it when the engine starts).
     Classification heads a checkpoint lacks are initialised from torch's RNG: seed before calling.
     """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification,
+                              AutoModelForTokenClassification, AutoTokenizer)
 
     from trainers.distributed import current_context
 
     if model.task not in TASKS:
         raise ValueError(f"model.task must be one of {list(TASKS)}, got {model.task!r}")
-    if model.task == CLASSIFICATION and not num_labels:
-        raise ValueError("sequence-classification needs num_labels (the number of distinct train labels)")
+    if model.task in LABELLED_TASKS and not num_labels:
+        raise ValueError(f"{model.task} needs num_labels (the number of distinct train labels or tags)")
     device = device or current_context().device
     dtype = compute_dtype(model.dtype, device)
     # A classifier's head trains in full (PEFT's modules_to_save), so it is never quantized. transformers' own
     # choice keeps the module of the model's last parameter unquantized but strips only ".weight" from its name:
     # a head whose last parameter is its bias ("classifier.bias") would be quantized.
     quantization = quantization_config(model.quantization, dtype, zero3=zero3_config is not None,
-                                       skip_modules=CLASSIFIER_HEADS if model.task == CLASSIFICATION else None)
+                                       skip_modules=CLASSIFIER_HEADS if model.task in LABELLED_TASKS else None)
     path = resolve_model_path(model.name_or_path)
     zero3_scope = _zero3_init_scope(zero3_config) if zero3_config is not None and quantization is None else None
 
@@ -130,6 +133,8 @@ def load_base(model: ModelSettings, num_labels: Optional[int] = None,
         kwargs["device_map"] = {"": device.index if device.type == "cuda" else "cpu"}
     if model.task == CLASSIFICATION:
         loaded = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kwargs)
+    elif model.task == TOKEN_CLASSIFICATION:
+        loaded = AutoModelForTokenClassification.from_pretrained(path, num_labels=num_labels, **kwargs)
     else:
         loaded = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if quantization is not None:
@@ -148,7 +153,7 @@ def load_base(model: ModelSettings, num_labels: Optional[int] = None,
     loaded = prepare_base(loaded, model, dtype)
     return LoadedBase(model=loaded, tokenizer=tokenizer, model_type=loaded.config.model_type, task=model.task,
                       path=path, dtype=dtype, quantization=model.quantization, device=device,
-                      num_labels=num_labels if model.task == CLASSIFICATION else None, settings=model,
+                      num_labels=num_labels if model.task in LABELLED_TASKS else None, settings=model,
                       zero3_scope=zero3_scope)
 
 
@@ -218,7 +223,7 @@ def load_base_for_adapter(name_or_path: str, task: str, adapter_dir: str, quanti
 
     A classification adapter carries its trained head (modules_to_save), whose rows give num_labels.
     """
-    num_labels = _saved_num_labels(adapter_dir) if task == CLASSIFICATION else None
+    num_labels = _saved_num_labels(adapter_dir) if task in LABELLED_TASKS else None
     return load_base(ModelSettings(name_or_path, task=task, quantization=quantization), num_labels=num_labels or 2,
                      device=device)
 

@@ -30,6 +30,7 @@ from trainers.diagnostics import RANK_KEYS, has_lora, overfit_gap, rank_figures
 from trainers.distributed import DistContext, all_reduce, current_context
 from trainers.engine import create_engine, zero3_load_config
 from trainers.errors import TrialFailed
+from trainers.generation import Question, base_round, generation_round, questions
 from trainers.memory_guard import host_memory_cap
 from trainers.model import LoadedBase, apply_adapter, load_base, release_adapter
 from trainers.rounds import Losses, Plan, Plateau, eval_metrics, round_report, stop_on_plateau, write_metrics
@@ -55,6 +56,8 @@ class Trial:
     meter: TrainMeter
     trainable_params: int
     stream: Iterator = None
+    questions: List[Question] = field(default_factory=list)   # eval rows answered each round (generation)
+    base_figures: Dict[str, Any] = field(default_factory=dict)  # the base model's answers and scores (base_*)
     micro_batches: int = 0
     losses: Losses = field(default_factory=Losses)
     phase: str = "setup"                 # where an out-of-memory happened, for its reason
@@ -91,6 +94,11 @@ def run_trial(settings: TrialSettings, report: Callable[[Dict[str, Any]], None],
                     report(metrics)
                     return metrics
                 done = state["round"]
+            if settings.generation.base_answers:
+                trial.phase = "answering with the base model"
+                trial.base_figures = base_round(trial.peft_model, trial.base.tokenizer, trial.questions,
+                                                settings.generation, trial.ctx, trial.peft_model.disable_adapter(),
+                                                synced=trial.ctx.world_size > 1)
             for number, end_step in enumerate(trial.plan.round_ends, start=1):
                 if number <= done:
                     continue
@@ -139,6 +147,7 @@ def setup(settings: TrialSettings, base: Optional[LoadedBase] = None) -> Trial:
         base.model.config.id2label = {index: label for label, index in rows.labels.items()}
     data = build_data(rows, settings.data, base.tokenizer, settings.model.task, settings.training.batch_size,
                       settings.training.seed, ctx)
+    asked = questions(rows.eval, base.tokenizer, settings.data, rows.format, settings.generation)
     # Seed again: a reused base must not change how the adapter starts.
     seed_everything(settings.training.seed)
     peft_model = apply_adapter(base, settings.peft, settings.model.task)
@@ -154,7 +163,7 @@ def setup(settings: TrialSettings, base: Optional[LoadedBase] = None) -> Trial:
     engine.model.train()
     return Trial(settings=settings, ctx=ctx, base=base, owns_base=owns_base, data=data, peft_model=peft_model,
                  engine=engine, plan=plan, meter=TrainMeter(ctx.device), trainable_params=trainable,
-                 stream=batch_stream(data))
+                 stream=batch_stream(data), questions=asked)
 
 
 def train(trial: Trial, end_step: int) -> None:
@@ -195,12 +204,20 @@ def check_loss(trial: Trial, step: int, loss_tensor: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def evaluate(trial: Trial) -> Dict[str, float]:
+def evaluate(trial: Trial) -> Dict[str, Any]:
+    """The eval metrics, and where the rows have reference answers the generation round's (trainers/generation.py)
+    with the base model's beside them (in every report, so that the last one carries them too)."""
     trial.phase = f"eval after step {trial.engine.optimizer_steps}"
     model = trial.engine.model
-    return eval_metrics(model, trial.data.eval, trial.settings.model.task, trial.base.num_labels,
-                        lambda batch: model(**_to_device({key: batch[key] for key in ("input_ids", "attention_mask")},
-                                                         trial.ctx.device)).logits)
+    metrics: Dict[str, Any] = eval_metrics(
+        model, trial.data.eval, trial.settings.model.task, trial.base.num_labels,
+        lambda batch: model(**_to_device({key: batch[key] for key in ("input_ids", "attention_mask")},
+                                         trial.ctx.device)).logits)
+    if trial.questions:
+        trial.phase = f"generating answers after step {trial.engine.optimizer_steps}"
+        metrics.update(generation_round(trial.peft_model, trial.base.tokenizer, trial.questions,
+                                        trial.settings.generation, trial.ctx, synced=trial.ctx.world_size > 1))
+    return {**metrics, **trial.base_figures}
 
 
 def diagnose(trial: Trial, metrics: Dict[str, Any]) -> Dict[str, float]:

@@ -10,7 +10,7 @@ import json
 import os
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
-LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".txt")
+LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".txt", ".conll")   # .conll: token-classification (trainers/token_data.py)
 
 
 class DataError(ValueError):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
-TASKS = ("sequence-classification", "causal-lm")
+TASKS = ("sequence-classification", "causal-lm", "token-classification")
 QUANTIZATIONS = ("none", "nf4", "int8")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 OPTIMIZERS = ("adamw", "paged_adamw_8bit")
@@ -61,6 +61,9 @@ class DataSettings:
     chat_template: Optional[str] = None
     # prompt-completion and messages: the loss covers the completion (assistant turns) only; False: every token
     completion_only_loss: bool = True
+    # token-classification rows (trainers/token_data.py): a list of words and one BIO tag per word
+    tokens_field: str = "tokens"
+    tags_field: str = "tags"
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,24 @@ class EngineSettings:
     host_memory_mb: Optional[float] = None   # this worker's resident memory cap (trainers/memory_guard.py)
 
 
+# Keys of a report's generation results (trainers/generation.py), also stored on the Optuna trial
+ANSWERS_KEY = "answers"              # a few example rows: prompt, reference, answer
+BASE_PREFIX = "base_"                # base_eval_rougeL, base_answers...: the same with the adapter off (zero-shot)
+GENERATE_SECONDS_KEY = "generate_s"  # the round's seconds spent generating
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Generation-based evaluation of causal-lm rows with a reference answer (prompt-completion, messages):
+    each eval round the trial answers a seeded subset of eval rows (trainers/generation.py)."""
+    rows: int = 0                     # eval rows answered each round, the same ones in every round and trial; 0: off
+    max_new_tokens: int = 64
+    batch_size: int = 16              # rows answered at once (left-padded, greedy, with the KV cache)
+    seed: int = 0                     # picks the rows
+    examples: int = 5                 # rows whose prompt, reference and answer each report carries
+    base_answers: bool = False        # also answer with the adapter off once: the base model's zero-shot score
+
+
 @dataclass(frozen=True)
 class TrialSettings:
     model: ModelSettings
@@ -116,3 +137,4 @@ class TrialSettings:
     peft: PeftSettings = field(default_factory=PeftSettings)
     training: TrainingSettings = field(default_factory=TrainingSettings)
     engine: EngineSettings = field(default_factory=EngineSettings)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)

@@ -8,11 +8,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, List, Mapping
 
-from trainers.settings import DataSettings, EngineSettings, ModelSettings, PeftSettings, TrainingSettings, TrialSettings
+from trainers.settings import (DataSettings, EngineSettings, GenerationSettings, ModelSettings, PeftSettings,
+                               TrainingSettings, TrialSettings)
 
 # TrialSettings field -> the dataclass of that section
 SECTIONS = {"model": ModelSettings, "data": DataSettings, "peft": PeftSettings,
-            "training": TrainingSettings, "engine": EngineSettings}
+            "training": TrainingSettings, "engine": EngineSettings, "generation": GenerationSettings}
 
 
 class SettingsError(ValueError):
@@ -41,7 +42,8 @@ def _section(name: str, cls, values: Any, problems: List[str]):
 
 
 def settings_from_dict(values: Mapping[str, Any]) -> TrialSettings:
-    """A TrialSettings from {"model": {...}, "data": {...}, "peft": {...}, "training": {...}, "engine": {...}}."""
+    """A TrialSettings from {"model": {...}, "data": {...}, "peft": {...}, "training": {...}, "engine": {...},
+    "generation": {...}}."""
     problems: List[str] = []
     if not isinstance(values, Mapping):
         raise SettingsError([f"settings: must be a mapping, got {type(values).__name__}"])

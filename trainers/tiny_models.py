@@ -117,6 +117,52 @@ def build_tiny_classifier(path: str, num_labels: int = 2, seed: int = 0) -> str:
     return path
 
 
+def build_tiny_token_classifier(path: str, num_labels: int, seed: int = 0) -> str:
+    """Write a 2-layer BERT-like token classifier (one output per tag) and its tokenizer to `path`."""
+    import torch
+    from transformers import AutoModelForTokenClassification, BertConfig
+
+    vocab = {word: index for index, word in enumerate(VOCAB)}
+    config = BertConfig(
+        vocab_size=len(VOCAB), hidden_size=_HIDDEN, intermediate_size=_INTERMEDIATE,
+        num_hidden_layers=_LAYERS, num_attention_heads=_HEADS, max_position_embeddings=_MAX_POSITIONS,
+        num_labels=num_labels, pad_token_id=vocab["[PAD]"], initializer_range=0.1,   # as build_tiny_classifier
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForTokenClassification.from_config(config)
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path)
+    build_tiny_tokenizer(causal=False).save_pretrained(path)
+    return path
+
+
+def make_learnable_token_data(path: str, n: int, seed: int = 0) -> str:
+    """Write `n` jsonl rows {tokens, tags} in BIO: each sentiment word is an entity of its polarity (POS / NEG),
+    and "very" before one is the start of that entity ("very good": B-POS I-POS). Tags: B-NEG, B-POS, I-NEG,
+    I-POS, O; the type is a function of the word, the B/I split needs the word before it."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        words, tags = [], []
+        for _ in range(rng.randint(1, 3)):
+            for word in _sentence(rng, rng.randint(1, 3)):
+                if word != "very":
+                    words.append(word)
+                    tags.append("O")
+            kind = rng.choice(("POS", "NEG"))
+            sentiment = rng.choice(POSITIVE_WORDS if kind == "POS" else NEGATIVE_WORDS)
+            if rng.random() < 0.4:
+                words += ["very", sentiment]
+                tags += [f"B-{kind}", f"I-{kind}"]
+            else:
+                words.append(sentiment)
+                tags.append(f"B-{kind}")
+        rows.append({"tokens": words, "tags": tags})
+    _write_jsonl(path, rows)
+    return path
+
+
 def _sentence(rng: random.Random, length: int) -> List[str]:
     return [rng.choice(NEUTRAL_WORDS) for _ in range(length)]
 

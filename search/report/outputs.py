@@ -63,7 +63,8 @@ def refresh(run_dir: str, wall_s: Optional[float] = None, storage: Optional[str]
     summary = read_summary(run_dir)
     objs = objectives(summary)
     study = open_study(run_dir, summary, storage)
-    rows = trial_rows(study.get_trials(deepcopy=False), [metric for metric, _ in objs])
+    trials = study.get_trials(deepcopy=False)
+    rows = trial_rows(trials, [metric for metric, _ in objs])
     write_trials_csv(rows, os.path.join(run_dir, TRIALS_CSV))
     best = best_trial(rows, objs)
     remote = RemoteRun.of(summary.get("storage_path"), summary["name"])
@@ -77,6 +78,7 @@ def refresh(run_dir: str, wall_s: Optional[float] = None, storage: Optional[str]
     from search.refine.next_search import write_next_search
     from search.refine.sensitivity import importances
     from search.report import figures
+    from search.report.answers import read_answers
 
     (metric, mode), several = objs[0], len(objs) > 1
     settings = os.path.join(run_dir, BEST_DIR, SETTINGS_FILE)
@@ -93,7 +95,8 @@ def refresh(run_dir: str, wall_s: Optional[float] = None, storage: Optional[str]
         next_search=None if several else write_next_search(run_dir, study, rows, metric, mode, scores),
         # not Optuna's slice plot: it leaves pruned trials out, and the Sensitivity section's slices show them
         study_figures=[draw(study, metric) for draw in (figures.optimization_history, figures.parallel_coordinates,
-                                                        figures.contour, figures.importances)])
+                                                        figures.contour, figures.importances)],
+        answers=read_answers(trials, best))
     report.write_report(run_dir, report.build_report(data))
     report_html.write_html(run_dir, report_html.build_html(data))
     if remote is not None:

@@ -2,9 +2,10 @@
 
 Both files are rendered from one list of `Section`s built here, so they hold the same headings,
 explanations and tables in the same order; report.html adds the plots (`Figure` blocks, which
-report.md skips). Sections: header, best trial (vs the majority-class baseline, as a ready PEFT config
-and a command that reproduces it), sensitivity, LoRA rank, refinements, Pareto front (several
-objectives only), packing (search/report/packing.py), all trials, failed trials.
+report.md skips). Sections: header, best trial (vs the majority-class baseline or the base model's zero-shot
+answers, as a ready PEFT config and a command that reproduces it), generated answers (search/report/answers.py),
+sensitivity, LoRA rank, refinements, Pareto front (several objectives only), packing (search/report/packing.py),
+all trials, failed trials.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from search.spec.guidance import quality_verdict
 from search.refine.sensitivity import (MIN_COMPLETE, MIN_TRIALS_FOR_SENSITIVITY, enough_for_sensitivity,
                                        sensitivity_table)
 from search.report import plots
+from search.report.answers import answers_section, score_table
 from search.report.blocks import Block, Bullets, Code, Figure, Section, Table, cell, to_markdown, write_text
 from search.report.packing import packing_section
 from search.store.keys import DIAG_PREFIX, STOPPED_EARLY_KEY
@@ -44,6 +46,7 @@ class ReportInput:
     packing: Optional[Mapping[str, object]] = None  # store/packing_file.read_packing: K, how chosen, measured steps
     next_search: Optional[object] = None     # search/refine/next_search.Written: next_spec.yaml's diff, edges
     study_figures: Sequence[object] = ()     # search/report/figures.StudyFigure: Optuna's own plots
+    answers: Optional[object] = None         # search/report/answers.GeneratedAnswers: generation-based evaluation
 
     @property
     def objectives(self) -> List[Objective]:
@@ -56,10 +59,9 @@ def build_report(data: ReportInput) -> str:
 
 # --- sections ------------------------------------------------------------------------------------
 def sections(data: ReportInput) -> List[Section]:
-    built = [header(data), best_section(data), sensitivity(data), optuna_plots(data), rank_section(data),
-             refinements(data),
-             next_search(data), pareto_section(data), packing_section(data.packing), all_trials(data),
-             failed_trials(data)]
+    built = [header(data), best_section(data), answers_section(data.answers), sensitivity(data), optuna_plots(data),
+             rank_section(data), refinements(data), next_search(data), pareto_section(data),
+             packing_section(data.packing), all_trials(data), failed_trials(data)]
     return [section for section in built if section is not None]
 
 
@@ -111,6 +113,8 @@ def best_section(data: ReportInput) -> Section:
              "eval_accuracy": baseline.get("eval_accuracy")},
             {"model": f"best trial ({best['number']})", **{m: best.get(m) for m in shown}},
         ]))
+    if data.answers is not None:
+        blocks += score_table(data.answers)
     params = {k[len("param_"):]: v for k, v in best.items() if k.startswith("param_")}
     blocks += ["Searched values of this trial:",
                Code(json.dumps(params, indent=2, sort_keys=True, default=str), "json")]
@@ -130,7 +134,8 @@ def best_section(data: ReportInput) -> Section:
         blocks.append("This trial saved no `settings.json` (it ran before trials wrote one), so no command "
                       "to reproduce it is given.")
     blocks += ["System figures (tokens per second in training, peak memory in MiB, adapter size in MiB, "
-               "training seconds, energy in joules where measurable):",
+               "training seconds, energy in joules where measurable, seconds spent generating answers in the last "
+               "round):",
                Table(SYSTEM_COLUMNS, [{k: best.get(k) for k in SYSTEM_COLUMNS}])]
     blocks.append(f"The adapter is in `best/` (load it with `PeftModel.from_pretrained(base, \"{data.adapter_dir}\")`)."
                   if data.adapter_dir else "This trial saved no adapter, so `best/` was not updated for it.")

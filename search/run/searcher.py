@@ -17,11 +17,13 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
-from search.refine.sampler import RefinedSampler
-from search.spec.redact import secret_free_dumps
-from search.store.keys import (DIAG_PREFIX, FAIL_REASON_KEY, FAILED_ON_KEY,  # noqa: F401 (also read from here)
-                               NODE_KEY, NODES_ATTR, RETRIES_KEY, ROUNDS_TOTAL_KEY, STOPPED_EARLY_KEY, TRIAL_NUMBER_KEY)
 from search.numbers import is_number
+from search.refine.sampler import RefinedSampler
+from search.run.gp import PrunedAwareGPSampler
+from search.spec.redact import secret_free_dumps
+from search.store.keys import (ANSWERS_KEY, BASE_PREFIX, DIAG_PREFIX, FAIL_REASON_KEY,  # noqa: F401 (also read here)
+                               FAILED_ON_KEY, NODE_KEY, NODES_ATTR, RETRIES_KEY, ROUNDS_TOTAL_KEY, STOPPED_EARLY_KEY,
+                               TRIAL_NUMBER_KEY)
 from search.store.results import SYSTEM_COLUMNS
 
 if TYPE_CHECKING:
@@ -40,6 +42,10 @@ def _sampler_tpe(seed: int) -> optuna.samplers.BaseSampler:
     return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=4)
 
 
+def _sampler_gp(seed: int) -> optuna.samplers.BaseSampler:
+    return PrunedAwareGPSampler(seed)
+
+
 def _sampler_random(seed: int) -> optuna.samplers.BaseSampler:
     return optuna.samplers.RandomSampler(seed=seed)
 
@@ -50,6 +56,7 @@ def _sampler_nsga2(seed: int) -> optuna.samplers.BaseSampler:
 
 # name -> factory(seed); grid needs the space, so the driver builds it through `make_sampler`.
 SAMPLERS: Dict[str, Callable[[int], optuna.samplers.BaseSampler]] = {
+    "gp": _sampler_gp,
     "tpe": _sampler_tpe,
     "random": _sampler_random,
     "nsga2": _sampler_nsga2,
@@ -81,9 +88,10 @@ def _json_value(value: Any) -> bool:
 
 def _stored_on_trial(key: str, value: Any) -> bool:
     """Whether a result key is kept on the Optuna trial (so trials.csv and the report can show it)."""
-    if key.startswith(DIAG_PREFIX) or key == STOPPED_EARLY_KEY:
+    if key.startswith(DIAG_PREFIX) or key in (STOPPED_EARLY_KEY, ANSWERS_KEY, BASE_PREFIX + ANSWERS_KEY):
         return _json_value(value)
-    if key.startswith(("eval_", "train_")) or key in SYSTEM_KEYS or key in ("round", "step", "epoch"):
+    if key.startswith(("eval_", "train_", BASE_PREFIX + "eval_")) or key in SYSTEM_KEYS or \
+            key in ("round", "step", "epoch"):
         return value is None or is_number(value)
     return False
 

@@ -36,6 +36,7 @@ import os
 import re
 from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol
 
+from search.store.keys import ANSWERS_KEY, BASE_PREFIX
 from search.store.results import SYSTEM_COLUMNS
 from search.store.storage import is_secret_key
 
@@ -46,6 +47,7 @@ INIT_TIMEOUT_S = 60.0        # online init; offline init is local and fast
 FINISH_TIMEOUT_S = 60.0      # online upload at finish; the offline files stay syncable anyway
 STATES = ("COMPLETE", "PRUNED", "FAIL")
 
+ANSWER_COLUMNS = ("prompt", "reference", "answer")   # trainers/generation.py's example rows
 # Keys of per-round metrics that describe the trial as a whole: copied into the run summary.
 SYSTEM_KEYS = (*SYSTEM_COLUMNS, "trainable_params")
 
@@ -197,6 +199,18 @@ def _clean_metrics(metrics: Mapping[str, Any]) -> Dict[str, Any]:
     return out
 
 
+def _answer_tables(metrics: Mapping[str, Any]) -> Dict[str, Any]:
+    """A round's example answers (generation-based evaluation) as W&B tables: prompt, reference, answer."""
+    tables = {}
+    for key in (ANSWERS_KEY, BASE_PREFIX + ANSWERS_KEY):
+        rows = metrics.get(key)
+        if rows:
+            wandb = _import_wandb()
+            tables[key] = wandb.Table(columns=list(ANSWER_COLUMNS),
+                                      data=[[str(row.get(column, "")) for column in ANSWER_COLUMNS] for row in rows])
+    return tables
+
+
 def _import_wandb():
     try:
         import wandb
@@ -294,6 +308,7 @@ class WandbTracker:
         try:
             data = _clean_metrics(metrics)
             self._last.update(data)
+            data.update(_answer_tables(metrics))
             step = data.get("round")
             if isinstance(step, int):
                 self._run.log(data, step=step)

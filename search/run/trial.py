@@ -26,7 +26,9 @@ def tune_trial(config: Dict[str, Any], spec, place: RunPlace, threads_per_worker
     number = config[TRIAL_NUMBER_KEY]
     params = {k: v for k, v in config.items() if k != TRIAL_NUMBER_KEY}
     settings = spec.trial_settings(params)
-    settings = replace(settings, engine=replace(settings.engine, num_threads=threads_per_worker))
+    settings = replace(settings, engine=replace(settings.engine, num_threads=threads_per_worker),
+                       # the first trial also answers with its adapter off: the base model's zero-shot score
+                       generation=replace(settings.generation, base_answers=spec.generation.base_model and number == 0))
     output_dir = place.trial_dir(number)
     os.makedirs(output_dir, exist_ok=True)
     write_settings(settings, output_dir)  # best/ copies it; the report's reproduce command reads it

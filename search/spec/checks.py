@@ -10,7 +10,7 @@ import math
 import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from search.spec.sections import DataSection
+from search.spec.sections import GENERATION_MODES, DataSection
 from spaces import targets as target_presets
 from spaces.kinds import Kind, RatioTo
 from trainers.hub import MODEL_ALIASES, looks_like_local_path
@@ -52,8 +52,12 @@ def data_problems(data: DataSection, task: str) -> List[str]:
     """Files exist, have rows, and every row has the fields of its format: the text (a string) and label
     field, or a prompt and completion, or a conversation (trainers/data.py: each bad row named by its file,
     row and field); a source that is no local file is spelt as an HF dataset id."""
-    from trainers.data import CAUSAL_LM, TEXT, resolve_format, rows_problems
+    from trainers.data import CAUSAL_LM, TEXT, TOKEN_CLASSIFICATION, resolve_format, rows_problems
 
+    if task == TOKEN_CLASSIFICATION:
+        from search.spec.token_checks import token_data_problems
+
+        return token_data_problems(data)
     problems: List[str] = []
     if task != CAUSAL_LM and data.format not in (None, TEXT):
         problems.append(f"data.format: {task} reads data.text_field (and data.label_field); prompt-completion and "
@@ -379,6 +383,24 @@ def chat_data(spec):
         return None
     tokenizer = load_tokenizer(spec.model.name_or_path)
     return None if tokenizer is None else (data, fmt, tokenizer)
+
+
+def generation_problems(spec) -> List[str]:
+    """An objective scored on generated answers needs rows that hold a reference answer: not text rows."""
+    from trainers.data import CAUSAL_LM, TEXT, resolve_format
+
+    generated = [metric for metric in spec.objective.metrics if metric in GENERATION_MODES]
+    if not generated or spec.model.task != CAUSAL_LM or not is_local_source(spec.data.train):
+        return []
+    try:
+        fmt = resolve_format(spec.trial_settings({}).data, CAUSAL_LM, read_records(spec.data.train, split="train"))
+    except DataError:
+        return []   # data_problems has said what is wrong
+    if fmt != TEXT:
+        return []
+    return [f"objective.metric: {', '.join(generated)} scores generated answers against each row's reference "
+            f"answer, and text rows hold none; give prompt-completion or messages rows, got text rows in "
+            f"{spec.data.train}"]
 
 
 def completion_findings(spec) -> Tuple[List[str], List[str]]:

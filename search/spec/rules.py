@@ -9,9 +9,10 @@ from dataclasses import fields, replace
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from search.spec.params import conflict_problems, pair_problems, parse_peft, parse_space
-from search.spec.sections import (DEFAULT_METRIC, SYSTEM_METRICS, SYSTEM_MODES, TASK_METRICS, DataSection, ModelSection,
-                                  ObjectiveSection, ResourcesSection, SearchSection, TrackingSection, TrainingSection,
-                                  name_problems, storage_problems)
+from search.spec.sections import (DEFAULT_METRIC, GENERATION_MODES, SYSTEM_METRICS, SYSTEM_MODES, TASK_METRICS,
+                                  DataSection, GenerationSection, ModelSection, ObjectiveSection, ResourcesSection,
+                                  SearchSection, TrackingSection, TrainingSection, name_problems, storage_problems)
+from search.spec.token_checks import token_key_problems
 from spaces.kinds import RatioTo
 from spaces.methods import get_method
 
@@ -31,18 +32,27 @@ def _training_hints() -> Dict[str, str]:
 
 def complete_objective(objective: ObjectiveSection, task: str) -> Tuple[ObjectiveSection, List[str]]:
     """Fill the task's default metric and the usual mode of known metrics; check metrics fit the task."""
+    from search.spec.token_checks import is_per_type_f1
+
     metrics = objective.metrics or (DEFAULT_METRIC[task],)
-    known = {**TASK_METRICS[task], **SYSTEM_MODES}
+    generated = GENERATION_MODES if task == "causal-lm" else {}
+    known = {**TASK_METRICS[task], **generated, **SYSTEM_MODES,
+             **{name: "max" for name in metrics if is_per_type_f1(task, name)}}
     problems = []
     for name in metrics:
         if name not in known:
-            problems.append(f"objective.metric: {task} reports {', '.join(TASK_METRICS[task])} "
+            per_type = ", eval_f1_<TYPE>" if task == "token-classification" else ""
+            per_type += f", {', '.join(generated)} (generation)" if generated else ""
+            problems.append(f"objective.metric: {task} reports {', '.join(TASK_METRICS[task])}{per_type} "
                             f"(and {', '.join(SYSTEM_METRICS)}), got {name!r}")
     if problems:
         return objective, problems
     modes = objective.modes or tuple(known[name] for name in metrics)
     single = len(metrics) == 1
-    return replace(objective, metric=metrics[0] if single else metrics, mode=modes[0] if single else modes), []
+    # entity-level F1 over BIO tags is what the guide's NER bar is about (search/spec/guidance.py)
+    task_kind = objective.task_kind or ("ner" if task == "token-classification" else None)
+    return replace(objective, metric=metrics[0] if single else metrics, mode=modes[0] if single else modes,
+                   task_kind=task_kind), []
 
 
 def parse_sections(raw: Mapping[str, Any], problems: List[str]) -> Dict[str, Any]:
@@ -63,6 +73,7 @@ def parse_sections(raw: Mapping[str, Any], problems: List[str]) -> Dict[str, Any
     parts["training"] = TrainingSection.parse(raw.get("training"), problems, hints=_training_hints())
     parts["objective"] = ObjectiveSection.parse(raw.get("objective"), problems)
     parts["search"] = SearchSection.parse(raw.get("search"), problems)
+    parts["generation"] = GenerationSection.parse(raw.get("generation"), problems)
     parts["resources"] = ResourcesSection.parse(raw.get("resources"), problems)
     parts["tracking"] = TrackingSection.parse(raw.get("tracking"), problems)
     storage = raw.get("storage", "sqlite")
@@ -104,6 +115,7 @@ def cross_problems(parts: Dict[str, Any]) -> List[str]:
         if model.task == "causal-lm" and data.label_field:
             problems.append(f"data.label_field: causal-lm learns the text itself and takes no labels, "
                             f"got {data.label_field!r}")
+    problems += token_key_problems(model, data, peft)
     if model and resources and not resources.gpus_per_worker:
         gpu_only = {"liger_kernel": "Liger kernels" if model.liger_kernel else None,
                     "attn_implementation": model.attn_implementation
@@ -117,6 +129,11 @@ def cross_problems(parts: Dict[str, Any]) -> List[str]:
         objective, more = complete_objective(objective, model.task)
         problems += more
         parts["objective"] = objective if not more else None
+    generation = parts.get("generation")
+    generated = [name for name in (objective.metrics if objective else ()) if name in GENERATION_MODES]
+    if generated and generation and not generation.rows:
+        problems.append(f"objective.metric: {', '.join(generated)} scores generated answers; set generation.rows "
+                        f"(eval rows answered each round) above 0, got 0")
     if peft and space is not None:
         fixed = dict(peft.params)
         for name, param in get_method(peft.method).params.items():
@@ -282,7 +299,7 @@ def plateau_monitor(objective: ObjectiveSection) -> Tuple[str, str]:
 
 
 def build_trial_settings(spec, values: Mapping[str, Any]):
-    from trainers.settings import ModelSettings, PeftSettings, TrainingSettings, TrialSettings
+    from trainers.settings import GenerationSettings, ModelSettings, PeftSettings, TrainingSettings, TrialSettings
 
     training_names = [f.name for f in fields(TrainingSettings)]
     training = {name: values[name] for name in training_names if name in values}
@@ -291,12 +308,17 @@ def build_trial_settings(spec, values: Mapping[str, Any]):
     if spec.peft.method == "prefix-tuning" and model.gradient_checkpointing is None:
         # unset means on for a quantized base, which prefix tuning cannot train with
         model = replace(model, gradient_checkpointing=False)
+    generation = spec.generation
     return TrialSettings(
         model=model,
         data=data_settings(spec, int(values["max_length"])),
         peft=PeftSettings(spec.peft.method, resolved_peft_params(spec, values)),
         training=TrainingSettings(**training, evals_per_epoch=spec.search.evals_per_epoch, seed=spec.search.seed),
         engine=engine_settings(spec.resources),
+        # base_answers: the trial function asks the first trial for them (search/run/trial.py)
+        generation=GenerationSettings(rows=generation.rows if spec.model.task == "causal-lm" else 0,
+                                      max_new_tokens=generation.max_new_tokens, batch_size=generation.batch_size,
+                                      seed=spec.search.seed, examples=generation.examples),
     )
 
 
@@ -310,7 +332,8 @@ def data_settings(spec, max_length: int):
                         max_length=max_length, eval_fraction=data.eval_fraction, split_seed=spec.search.seed,
                         format=data.format, prompt_field=data.prompt_field, completion_field=data.completion_field,
                         messages_field=data.messages_field, chat_template=read_chat_template(data.chat_template),
-                        completion_only_loss=data.completion_only_loss)
+                        completion_only_loss=data.completion_only_loss, tokens_field=data.tokens_field,
+                        tags_field=data.tags_field)
 
 
 def engine_settings(resources):
@@ -365,6 +388,7 @@ def spec_to_dict(spec) -> Dict[str, Any]:
         "training": _section_dict(spec.training, skip=tuple(spec.space)),
         "objective": objective,
         "search": _section_dict(spec.search),
+        "generation": _section_dict(spec.generation),
         "resources": _section_dict(spec.resources),
         "storage": spec.storage,
         "tracking": _section_dict(spec.tracking),

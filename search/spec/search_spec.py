@@ -16,8 +16,8 @@ from typing import Any, Dict, List, Mapping
 
 from search.spec.fields import SpecError, show, unknown_key
 from search.spec.params import PeftSection, display_name, fixed_values, merge_values
-from search.spec.sections import (DataSection, ModelSection, ObjectiveSection, ResourcesSection, SearchSection,
-                                  TrackingSection, TrainingSection, redact_url)
+from search.spec.sections import (DataSection, GenerationSection, ModelSection, ObjectiveSection, ResourcesSection,
+                                  SearchSection, TrackingSection, TrainingSection, redact_url)
 from search.store.storage import is_secret_key
 from spaces.kinds import Kind
 from spaces.methods import get_method, params_for
@@ -26,7 +26,7 @@ from trainers.records import is_local_source
 __all__ = ["SearchSpec", "SpecError", "load_spec", "parse_spec"]
 
 TOP_LEVEL_KEYS = ("name", "model", "data", "peft", "space", "training", "objective", "search",
-                  "resources", "storage", "tracking")
+                  "generation", "resources", "storage", "tracking")
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ class SearchSpec:
     training: TrainingSection = field(default_factory=TrainingSection)
     objective: ObjectiveSection = field(default_factory=ObjectiveSection)
     search: SearchSection = field(default_factory=SearchSection)
+    generation: GenerationSection = field(default_factory=GenerationSection)
     resources: ResourcesSection = field(default_factory=ResourcesSection)
     storage: str = field(default="sqlite", repr=False)   # a database URL holds its password
     tracking: TrackingSection = field(default_factory=TrackingSection)

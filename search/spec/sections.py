@@ -23,7 +23,7 @@ from trainers.settings import (ATTN_IMPLEMENTATIONS, DATA_FORMATS, DTYPES, OFFLO
 NAME_PATTERN = r"[A-Za-z0-9._-]+"
 # The run directory's name, and the default W&B project (which allows 128 characters); a filesystem 255 bytes.
 NAME_MAX_LENGTH = 128
-ALGORITHMS = ("tpe", "random", "grid", "nsga2")
+ALGORITHMS = ("gp", "tpe", "random", "grid", "nsga2")
 SCHEDULERS = ("asha", "none")
 WANDB_MODES = ("offline", "online", "disabled")
 # Figures every trial reports besides its eval_* metrics (INTERFACE.md, trials.csv); any may be an objective.
@@ -32,9 +32,15 @@ SYSTEM_METRICS = ("tokens_per_s", "peak_mem_mb", "adapter_mb", "train_s", "energ
 TASK_METRICS = {
     "sequence-classification": {"eval_loss": "min", "eval_accuracy": "max", "eval_f1": "max"},
     "causal-lm": {"eval_loss": "min", "eval_perplexity": "min", "eval_accuracy": "max"},
+    # added (issue 21): entity-level scores (seqeval's definition) and eval_f1_<TYPE> per entity type
+    "token-classification": {"eval_loss": "min", "eval_accuracy": "max", "eval_precision": "max",
+                             "eval_recall": "max", "eval_f1": "max"},
 }
+# eval_* metrics of generation-based evaluation (causal-lm rows with a reference answer; GenerationSection)
+GENERATION_MODES = {"eval_exact_match": "max", "eval_token_f1": "max", "eval_rougeL": "max", "eval_chrf": "max"}
 SYSTEM_MODES = {"tokens_per_s": "max", "peak_mem_mb": "min", "adapter_mb": "min", "train_s": "min", "energy_j": "min"}
-DEFAULT_METRIC = {"sequence-classification": "eval_accuracy", "causal-lm": "eval_loss"}
+DEFAULT_METRIC = {"sequence-classification": "eval_accuracy", "causal-lm": "eval_loss",
+                  "token-classification": "eval_f1"}
 
 
 @dataclass(frozen=True)
@@ -75,17 +81,23 @@ class DataSection(Section):
     chat_template: Optional[str] = rule(None, nullable=True)
     # the loss covers the completion / the assistant turns only; false: every token of the row
     completion_only_loss: bool = rule(True, "bool")
+    # added (issue 21): token-classification rows, a list of words and one BIO tag per word (JSON lines; CoNLL
+    # column files give their rows these fields)
+    tokens_field: str = rule("tokens")
+    tags_field: str = rule("tags")
 
     def extra_problems(self) -> List[str]:
         # an empty string would pass for an HF dataset id, which validate does not download
         problems = [f"data.{key}: must name a data file or an HF dataset id, got an empty string"
                     for key in ("train", "eval") if getattr(self, key) is not None and not getattr(self, key).strip()]
-        for key in ("text_field", "prompt_field", "completion_field", "messages_field"):
+        for key in ("text_field", "prompt_field", "completion_field", "messages_field", "tokens_field", "tags_field"):
             if not getattr(self, key).strip():
                 problems.append(f"data.{key}: must name a field of the rows, got an empty string")
         if self.prompt_field == self.completion_field:
             problems.append(f"data.completion_field: must differ from data.prompt_field, got {self.completion_field!r} "
                             f"for both")
+        if self.tokens_field == self.tags_field:
+            problems.append(f"data.tags_field: must differ from data.tokens_field, got {self.tags_field!r} for both")
         if self.chat_template is not None:
             problems += _chat_template_problems(self.chat_template)
         return problems
@@ -169,7 +181,7 @@ class ObjectiveSection(Section):
 @dataclass(frozen=True)
 class SearchSection(Section):
     PATH = "search"
-    algorithm: str = rule("tpe", choices=ALGORITHMS)
+    algorithm: str = rule("gp", choices=ALGORITHMS)
     trials: int = rule(20, "int", low=1)
     concurrency: int = rule(1, "int", low=1)
     scheduler: str = rule("asha", choices=SCHEDULERS)
@@ -205,13 +217,29 @@ class SearchSection(Section):
     def extra_problems(self) -> List[str]:
         if not self.refine_every:
             return []
-        if self.algorithm in ("grid", "nsga2"):
+        if self.algorithm in ("gp", "grid", "nsga2"):
+            # gp: the refined region is imposed by redrawing the sampler's proposal (search/refine/sampler.py),
+            # and a GP's acquisition maximum comes back the same on every redraw
             return [f"search.refine_every: refinement works with algorithm tpe or random (one objective), "
-                    f"not {self.algorithm}; set refine_every: 0, got {self.refine_every}"]
+                    f"not {self.algorithm}; set refine_every: 0 or algorithm: tpe, got {self.refine_every}"]
         if self.refine_every >= self.trials:
             return [f"search.refine_every: must be < search.trials ({self.trials}) or no trial would run in "
                     f"the refined space, got {self.refine_every}"]
         return []
+
+
+@dataclass(frozen=True)
+class GenerationSection(Section):
+    """Generation-based evaluation of causal-lm rows that hold a reference answer (prompt-completion: the
+    completion; messages: the last assistant turn): each eval round a trial answers a seeded subset of its eval
+    rows and scores the answers (trainers/generation.py). Text rows have no reference and generate nothing."""
+    PATH = "generation"
+    rows: int = rule(32, "int", low=0)              # eval rows answered each round, the same in every trial; 0: off
+    max_new_tokens: int = rule(64, "int", low=1)    # an answer's length limit (it also stops at end of turn)
+    batch_size: int = rule(16, "int", low=1)        # rows answered at once
+    examples: int = rule(5, "int", low=0)           # rows the report shows: prompt, reference, answers
+    # the first trial also answers with its adapter off: the base model's zero-shot score beside the best trial's
+    base_model: bool = rule(True, "bool")
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,8 @@ def check_file(path: str, check_files: bool = True, check_model: bool = True,
     `embedded`: the search runs on this machine's embedded Ray (no --address / RAY_ADDRESS), so the GPUs
     it asks for must be here; False for a cluster, whose nodes hold them. The machine and overlap checks
     run once the spec itself is valid (the overlap check reads the rows the trials would use)."""
-    from search.spec.checks import completion_findings, embedded_gpu_problems, inspect_reference, overlap_findings
+    from search.spec.checks import (completion_findings, embedded_gpu_problems, generation_problems, inspect_reference,
+                                    overlap_findings)
     from search.spec.guidance import guidance_findings
 
     try:
@@ -35,7 +36,7 @@ def check_file(path: str, check_files: bool = True, check_model: bool = True,
     warnings: List[str] = []
     if check_files:
         overlap, warnings = overlap_findings(spec.trial_settings({}).data, spec.model.task)
-        problems += overlap
+        problems += overlap + generation_problems(spec)
         if check_model:   # prompt-completion / messages rows: rendered with the model's tokenizer
             unfit, notes = completion_findings(spec)
             problems += unfit

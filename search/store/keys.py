@@ -4,6 +4,8 @@ and the searcher.
 Here, not in search/run/searcher.py, so that the trial function's and the workers' processes need not import Optuna
 to read them (Optuna's import is a large part of a process's start)."""
 
+from trainers.settings import ANSWERS_KEY, BASE_PREFIX, GENERATE_SECONDS_KEY  # noqa: F401 (the trainer's, named here)
+
 TRIAL_NUMBER_KEY = "__optuna_trial_number"   # the Optuna trial number, in the config the searcher gives Tune
 FAIL_REASON_KEY = "fail_reason"
 ROUNDS_TOTAL_KEY = "rounds_total"

@@ -19,7 +19,8 @@ from search.numbers import is_number
 from search.store.keys import DIAG_PREFIX, STOPPED_EARLY_KEY
 from search.store.storage import STUDY_NAME
 
-SYSTEM_COLUMNS = ["tokens_per_s", "peak_mem_mb", "adapter_mb", "train_s", "energy_j"]
+# generate_s: seconds the last round spent generating answers (generation-based evaluation; empty without it)
+SYSTEM_COLUMNS = ["tokens_per_s", "peak_mem_mb", "adapter_mb", "train_s", "energy_j", "generate_s"]
 STATE_NAMES = {TrialState.COMPLETE: "COMPLETE", TrialState.PRUNED: "PRUNED", TrialState.FAIL: "FAIL",
                TrialState.RUNNING: "RUNNING", TrialState.WAITING: "WAITING"}
 

@@ -42,12 +42,13 @@ def _run(spec, tmp_path, address, log):
 
 
 def _running_on(run_dir, node_id):
-    """A trial that runs on `node_id` now with a checkpointed round short of its last: (number, round)."""
+    """A trial that runs on `node_id` now with its first round checkpointed: (number, 1). Only the first: a trial
+    seen later in its rounds could finish before the node is lost, and then nothing would have to move."""
     rounds = checkpointed_rounds(run_dir)
     for trial in trials(run_dir):
         nodes = trial.user_attrs.get(NODES_ATTR) or []
-        if trial.state == TrialState.RUNNING and nodes and nodes[-1] == node_id and 0 < rounds.get(trial.number, 0) < 3:
-            return trial.number, rounds[trial.number]
+        if trial.state == TrialState.RUNNING and nodes and nodes[-1] == node_id and rounds.get(trial.number) == 1:
+            return trial.number, 1
     return None
 
 

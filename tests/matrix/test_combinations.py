@@ -30,7 +30,8 @@ from search.spec.validate import validate_file
 from spaces.methods import method_names
 from trainers.settings import QUANTIZATIONS, TASKS
 from trainers.settings_io import settings_to_dict
-from trainers.tiny_models import build_tiny_causal_lm, build_tiny_classifier, make_learnable_classification_data
+from trainers.tiny_models import (build_tiny_causal_lm, build_tiny_classifier, build_tiny_token_classifier,
+                                  make_learnable_classification_data, make_learnable_token_data)
 
 pytest.importorskip("deepspeed")
 pytest.importorskip("bitsandbytes")
@@ -68,6 +69,7 @@ def every_combination() -> List[Combination]:
 
 def spec_of(combination: Combination, world: Dict[str, str]) -> dict:
     classify = combination.task == "sequence-classification"
+    tokens = combination.task == "token-classification"
     peft = {"method": combination.method}
     if combination.method in ("lora", "ia3"):
         peft["target_modules"] = "auto"
@@ -75,9 +77,10 @@ def spec_of(combination: Combination, world: Dict[str, str]) -> dict:
         {"enabled": True, "zero_stage": int(combination.engine[len("zero"):])}
     return {
         "name": "matrix",
-        "model": {"name_or_path": world["classifier" if classify else "llama"], "task": combination.task,
-                  "quantization": combination.quantization},
-        "data": {"train": world["train"], "eval": world["eval"], "text_field": "text", "max_length": 16,
+        "model": {"name_or_path": world["classifier" if classify else "tagger" if tokens else "llama"],
+                  "task": combination.task, "quantization": combination.quantization},
+        "data": {"train": world["tags_train" if tokens else "train"], "eval": world["tags_eval" if tokens else "eval"],
+                 "max_length": 16, **({} if tokens else {"text_field": "text"}),
                  **({"label_field": "label"} if classify else {})},
         "peft": peft,
         "space": {"learning_rate": [1.0e-2]},
@@ -98,6 +101,10 @@ def world(tmp_path_factory) -> Dict[str, str]:
         "llama": build_tiny_causal_lm(str(root / "llama"), arch="llama", seed=0),
         "train": make_learnable_classification_data(str(root / "train.jsonl"), 16, seed=0),
         "eval": make_learnable_classification_data(str(root / "eval.jsonl"), 8, seed=1),
+        # token-classification: 5 tags (B-/I- of POS and NEG, O), in both splits of these seeds
+        "tagger": build_tiny_token_classifier(str(root / "bert_tagger"), num_labels=5, seed=0),
+        "tags_train": make_learnable_token_data(str(root / "tags_train.jsonl"), 16, seed=0),
+        "tags_eval": make_learnable_token_data(str(root / "tags_eval.jsonl"), 8, seed=1),
     }
 
 

@@ -18,8 +18,8 @@ from trainers.data import (CAUSAL_LM, IGNORE_INDEX, MESSAGES, PROMPT_COMPLETION,
                            encode_row, fit_to_length, marked_text, read_trial_rows, resolve_format, tokenize_rows)
 from trainers.metrics import EvalCounts
 from trainers.records import DataError
-from trainers.settings import (DataSettings, EngineSettings, ModelSettings, PeftSettings, TrainingSettings,
-                               TrialSettings)
+from trainers.settings import (DataSettings, EngineSettings, GenerationSettings, ModelSettings, PeftSettings,
+                               TrainingSettings, TrialSettings)
 
 TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'assistant' %}<s> {{ m['content'] }} </s> "
             "{% else %}[SEP] {{ m['content'] }} {% endif %}{% endfor %}{% if add_generation_prompt %}<s> {% endif %}")
@@ -235,11 +235,14 @@ def test_packed_chat_members_match_their_solo_runs(tmp_path, tiny_llama):
     from trainers.packing.pack import Pack
 
     data = DataSettings(_write(tmp_path / "chat.jsonl", _chat_rows(40)), max_length=32, chat_template=TEMPLATE)
+    # both members answer 6 eval rows each round (generation-based evaluation); "a" also with its adapter off
     members = {key: TrialSettings(
         model=ModelSettings(tiny_llama, task=CAUSAL_LM), data=data,
         peft=PeftSettings("lora", {**LLAMA_PARAMS["lora"], "r": r, "lora_alpha": 2 * r, "lora_dropout": 0.0}),
         training=TrainingSettings(learning_rate=1e-2, epochs=1, batch_size=batch, seed=seed, max_steps=3),
-        engine=EngineSettings(num_threads=1)) for key, r, batch, seed in (("a", 4, 8, 1), ("b", 2, 6, 2))}
+        engine=EngineSettings(num_threads=1),
+        generation=GenerationSettings(rows=6, max_new_tokens=4, batch_size=4, base_answers=key == "a"))
+        for key, r, batch, seed in (("a", 4, 8, 1), ("b", 2, 6, 2))}
     solo = {}
     for key, settings in members.items():
         solo[key] = []
@@ -257,8 +260,10 @@ def test_packed_chat_members_match_their_solo_runs(tmp_path, tiny_llama):
     for key in members:
         assert len(packed[key]) == len(solo[key])
         for mine, theirs in zip(packed[key], solo[key]):
-            for name in ("train_loss", "eval_loss", "eval_accuracy"):
+            for name in ("train_loss", "eval_loss", "eval_accuracy", "eval_token_f1", "eval_chrf"):
                 assert mine[name] == pytest.approx(theirs[name], rel=1e-4, abs=1e-5), (name, mine, theirs)
+            assert mine["answers"] == theirs["answers"] and mine.get("base_answers") == theirs.get("base_answers")
+    assert "base_answers" in packed["a"][-1] and "base_answers" not in packed["b"][-1]
 
 
 @pytest.mark.slow

@@ -41,6 +41,7 @@ from trainers.deepspeed_config import precision_of
 from trainers.diagnostics import overfit_gap, rank_figures
 from trainers.distributed import current_context
 from trainers.engine import PlainEngine
+from trainers.generation import Question, base_round, generation_round, questions
 from trainers.kernels import wants_autocast
 from trainers.model import LoadedBase, apply_adapter, release_adapter
 from trainers.recipe import ADAPTER_SUBDIR
@@ -219,6 +220,8 @@ class Member:
     awaiting_eval: bool = False          # its last step ended a round: it waits for `evaluate`
     failed: Optional[str] = None         # a TrialFailed reason (divergence)
     stopped_early: bool = False          # a plateau stop (Plateau), a finished trial
+    questions: List[Question] = field(default_factory=list)   # eval rows it answers each round (generation)
+    base_figures: Dict[str, Any] = field(default_factory=dict)  # the base model's answers and scores (base_*)
 
     @property
     def finished(self) -> bool:
@@ -302,8 +305,13 @@ class Pack:
         for key_, head in adapter.heads.items():
             self._packed_at(_path(key_), PackedHead).pieces[slot] = head
         member = Member(key=key, settings=settings, slot=slot, data=data, adapter=adapter, engine=engine, plan=plan,
-                        plateau=plateau, stream=batch_stream(data), trainable_params=count_trainable(adapter))
+                        plateau=plateau, stream=batch_stream(data), trainable_params=count_trainable(adapter),
+                        questions=questions(rows.eval, base.tokenizer, settings.data, rows.format, settings.generation))
         self.members[key] = member
+        if settings.generation.base_answers:
+            with self._autocast_context():
+                member.base_figures = base_round(base.model, base.tokenizer, member.questions, settings.generation,
+                                                 current_context(), adapter_off=self._taken_out())
         base.model.train()
         return member
 
@@ -390,8 +398,10 @@ class Pack:
             # the model's own loss (shift, ignore -100, mean over this member's counted tokens)
             # (contiguous: a member's slice of a wider batch's logits is not, and the loss views them flat)
             return model.loss_function(logits=logits.contiguous(), labels=labels, vocab_size=model.config.vocab_size)
-        # single-label classification, as transformers' classifiers compute it (mean over the rows)
-        return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1))
+        # single-label classification, as transformers' classifiers compute it (mean over the rows); token
+        # classification the same per position (mean over the labelled ones: IGNORE_INDEX is cross_entropy's
+        # default ignore_index). reshape: a member's slice of a wider batch's per-position logits is not contiguous
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
 
     # --- rounds ----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -406,6 +416,11 @@ class Pack:
             **round_report(number, member.plan, member.engine.optimizer_steps, member.micro_batches, member.losses),
             **self._eval_metrics(member), "trainable_params": member.trainable_params,
         }
+        if member.questions:
+            with self._routed_to(member), self._autocast_context():
+                metrics.update(generation_round(self.base.model, self.base.tokenizer, member.questions,
+                                                member.settings.generation, current_context()))
+        metrics.update(member.base_figures)
         member.rounds_done, member.awaiting_eval = number, False
         member.stopped_early = stop_on_plateau(member.plateau, metrics, number, len(member.plan.round_ends))
         return metrics
@@ -497,6 +512,20 @@ class Pack:
     def _put(self, path: str, module: nn.Module) -> None:
         parent_path, _, name = path.rpartition(".")
         setattr(self.base.model.get_submodule(parent_path) if parent_path else self.base.model, name, module)
+
+    @contextlib.contextmanager
+    def _routed_to(self, member: Member):
+        """Every forward meanwhile (generate's, one per new token) runs its whole batch through `member`'s adapter."""
+        def route(_module, _args, kwargs):
+            rows = next(value.shape[0] for name in ("input_ids", "inputs_embeds")
+                        if (value := kwargs.get(name)) is not None)
+            self.routing.spans = [(member.slot, 0, rows)]
+
+        handle = self.base.model.register_forward_pre_hook(route, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
 
     @contextlib.contextmanager
     def _taken_out(self):

@@ -17,7 +17,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from trainers.data import CAUSAL_LM
+from trainers.data import CAUSAL_LM, TOKEN_CLASSIFICATION
 from trainers.kernels import wants_checkpointing
 from trainers.model import LoadedBase
 from trainers.packing.cost_model import K_MAX, MIN_GAIN, BaseShape, CostModel, Measurement, MemberShape, choose_k
@@ -69,7 +69,12 @@ def _synthetic_rows(base: LoadedBase, rows: int, seq: int, seed: int):
     """An endless stream of one batch of full-width random rows, as trainers.data.batch_stream yields them."""
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, base.model.config.vocab_size, (rows, seq), generator=generator)
-    labels = ids.clone() if base.task == CAUSAL_LM else torch.zeros(rows, dtype=torch.long)
+    if base.task == CAUSAL_LM:
+        labels = ids.clone()
+    elif base.task == TOKEN_CLASSIFICATION:   # a tag per position
+        labels = torch.zeros_like(ids)
+    else:
+        labels = torch.zeros(rows, dtype=torch.long)
     return itertools.repeat((0, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}))
 
 

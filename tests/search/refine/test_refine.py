@@ -31,7 +31,7 @@ def make_spec(space=None, objective=None, **search):
     raw = {"name": "refine-test", "model": {"name_or_path": "minilm"},
            "data": {"train": "train.jsonl", "label_field": "label"}, "peft": {"method": "lora"},
            "space": space or SPACE, "objective": objective or {"metric": "eval_accuracy", "mode": "max"},
-           "search": {"trials": 30, "refine_every": 5, **search}, "tracking": {"wandb": "disabled"}}
+           "search": {"algorithm": "tpe", "trials": 30, "refine_every": 5, **search}, "tracking": {"wandb": "disabled"}}
     return parse_spec(raw, check_files=False, check_model=False)
 
 
@@ -246,6 +246,8 @@ def test_rows_of_a_refined_study_still_rebuild():
 @pytest.mark.parametrize("search, objective, expected", [
     ({"algorithm": "grid", "refine_every": 5}, None, "search.refine_every: refinement works with algorithm tpe"),
     ({"algorithm": "nsga2", "refine_every": 5, "scheduler": "none"}, None, "search.refine_every: refinement works"),
+    ({"algorithm": "gp", "refine_every": 5}, None, "search.refine_every: refinement works with algorithm tpe or random "
+     "(one objective), not gp; set refine_every: 0 or algorithm: tpe"),
     ({"refine_every": 5, "scheduler": "none"}, {"metric": ["eval_accuracy", "adapter_mb"], "mode": ["max", "min"]},
      "search.refine_every: refinement rates settings on one objective"),
     ({"refine_every": -1}, None, "search.refine_every: must be >= 0, got -1"),

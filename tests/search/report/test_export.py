@@ -1,5 +1,6 @@
 """`peft-search export` round trips: the adapter loads with PeftModel.from_pretrained, the merged model with
-AutoModelForSequenceClassification.from_pretrained, and both give the trial's own outputs.
+AutoModelForSequenceClassification.from_pretrained, and both give the trial's own outputs (a merged chat model:
+the trial's own generated answers).
 
 The run directory is made by hand around one real trial (MiniLM, a few steps), so no Ray is needed."""
 import json
@@ -90,3 +91,39 @@ def test_export_refuses_a_non_empty_out_and_a_missing_trial(run_dir, tmp_path):
     assert (tmp_path / "full" / "keep.txt").read_text() == "user data"
     with pytest.raises(ExportError, match="--trial: trial 7"):
         export_adapter(run_dir, str(tmp_path / "x"), trial=7)
+
+
+def test_a_merged_chat_model_generates_the_trials_answers(tmp_path):
+    """Chat rows judged on generated answers (issue 21): the merged export answers as base + adapter did."""
+    from transformers import AutoModelForCausalLM
+
+    from trainers.data import MESSAGES, split_records
+    from trainers.generation import answer, questions
+    from trainers.settings import GenerationSettings
+    from trainers.tiny_models import build_tiny_causal_lm
+
+    template = ("{% for m in messages %}{% if m['role'] == 'assistant' %}<s> {{ m['content'] }} </s> "
+                "{% else %}[SEP] {{ m['content'] }} {% endif %}{% endfor %}"
+                "{% if add_generation_prompt %}<s> {% endif %}")
+    numbers = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+    rows = [{"messages": [{"role": "user", "content": " ".join(numbers[i % 5:i % 5 + 3])},
+                          {"role": "assistant", "content": " ".join(numbers[i % 5 + 3:i % 5 + 5])}]} for i in range(60)]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    model = build_tiny_causal_lm(str(tmp_path / "llama"))
+    generation = GenerationSettings(rows=8, max_new_tokens=4, examples=8)
+    data = DataSettings(str(tmp_path / "chat.jsonl"), max_length=32, chat_template=template)
+    settings = TrialSettings(model=ModelSettings(model, task="causal-lm"), data=data,
+                             peft=PeftSettings("lora", {"r": 4, "target_modules": ["q_proj", "v_proj"]}),
+                             training=TrainingSettings(learning_rate=3e-2, epochs=6, batch_size=12),
+                             engine=EngineSettings(num_threads=1), generation=generation)
+    reports = []
+    run = tmp_path / "run"
+    run_trial(settings, reports.append, trial_dir(str(run), 0))
+    (run / "search.json").write_text(json.dumps({"name": "export", "model": model, "task": "causal-lm"}))
+    out = export_adapter(str(run), str(tmp_path / "merged"), trial=0, merge=True)
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    _train, held = split_records(data)
+    asked = questions(held, tokenizer, data, MESSAGES, generation)
+    answers = answer(merged.eval(), tokenizer, asked, generation, torch.device("cpu"))
+    assert answers == [row["answer"] for row in reports[-1]["answers"]] and any(answers)

@@ -22,7 +22,8 @@ ROUNDS = [
      "energy_j": None, "trainable_params": 294912},
     {"round": 2, "rounds_total": 2, "step": 100, "epoch": 1.0, "train_loss": 0.75, "eval_loss": 0.9,
      "eval_accuracy": 0.72, "tokens_per_s": 1300.0, "peak_mem_mb": 2100.0, "train_s": 20.0,
-     "energy_j": 512.0, "trainable_params": 294912, "adapter_mb": 1.2},
+     "energy_j": 512.0, "trainable_params": 294912, "adapter_mb": 1.2,
+     "answers": [{"prompt": "p", "reference": "r", "answer": "a"}]},
 ]
 
 
@@ -199,6 +200,10 @@ def test_offline_trial_writes_run_files_and_no_secret(tmp_path):
 
     rows = [r for r in got["history"] if "eval_loss" in r]
     assert [r["__step"] for r in rows] == [1, 2]
+    # the round's example answers (generation-based evaluation) as a table; the file holds its rows
+    assert rows[1]["answers"]["_type"] == "table-file"
+    (table,) = glob.glob(str(run_dir / "wandb" / "offline-run-*" / "files" / rows[1]["answers"]["path"]))
+    assert json.load(open(table))["data"] == [["p", "r", "a"]]
     assert [r["eval_loss"] for r in rows] == [1.5, 0.9]
     assert "energy_j" not in rows[0] and rows[1]["energy_j"] == 512.0
 

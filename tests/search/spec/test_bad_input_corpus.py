@@ -192,8 +192,8 @@ CASES = [
          ["space.learning_rate: `low < high` must hold"]),
     # --- unknown names
     Case("unknown-method", lambda w: w.spec({"peft.method": "lorax"}), ["peft.method: unknown PEFT method 'lorax'"]),
-    Case("unknown-task", lambda w: w.spec({"model.task": "token-classification"}),
-         ["model.task: must be one of", "'token-classification'"]),
+    Case("unknown-task", lambda w: w.spec({"model.task": "question-answering"}),
+         ["model.task: must be one of", "'question-answering'"]),
     Case("unknown-top-level-key", lambda w: w.spec({"bogus": 1}), ["bogus: unknown key", "known keys are: name"]),
     Case("misspelt-section", lambda w: w.spec({"serach": {"trials": 3}}), ["serach: unknown key (did you mean 'search'?)"]),
     Case("misspelt-key", lambda w: w.spec({"search.trails": 3}), ["search.trails: unknown key (did you mean 'trials'?)"]),

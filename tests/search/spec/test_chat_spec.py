@@ -186,3 +186,43 @@ def test_text_specs_are_unchanged(tiny_world, tmp_path, capsys):
     _spec, problems = validate_file(_chat_spec(tiny_world, tmp_path, rows, **{"data.chat_template": DELETE}))
     assert problems[0].startswith("data.text_field: 'text' is missing or empty in 30 of 30 rows of data.train")
     assert "data.prompt_field and data.completion_field, or data.messages_field" in problems[0]
+
+
+# --- generation-based evaluation -------------------------------------------------------------------------
+@pytest.mark.parametrize("overrides, expected", [
+    ({"objective": {"metric": "eval_rougeL"}, "generation": {"rows": 0}},
+     "objective.metric: eval_rougeL scores generated answers; set generation.rows (eval rows answered each round) "
+     "above 0, got 0"),
+    ({"generation": {"max_new_tokens": 0}}, "generation.max_new_tokens: must be >= 1, got 0"),
+    ({"generation": {"rows": -1}}, "generation.rows: must be >= 0, got -1"),
+    ({"generation": {"row": 8}}, "generation.row: unknown key (did you mean 'rows'?)"),
+])
+def test_generation_key_problems(tiny_world, tmp_path, overrides, expected):
+    _spec, problems = validate_file(_chat_spec(tiny_world, tmp_path, **overrides))
+    assert any(problem.startswith(expected) for problem in problems), problems
+
+
+def test_generation_metrics_are_causal_lm_objectives(tiny_world, tmp_path):
+    objective = {"metric": ["eval_rougeL", "eval_chrf", "eval_exact_match", "eval_token_f1"]}
+    spec, problems = validate_file(_chat_spec(tiny_world, tmp_path, **{
+        "objective": objective, "search.scheduler": "none", "search.algorithm": "nsga2",
+        "generation": {"rows": 12, "max_new_tokens": 8, "examples": 2}}))
+    assert problems == []
+    assert spec.objective.modes == ("max",) * 4
+    generation = spec.trial_settings({}).generation
+    assert (generation.rows, generation.max_new_tokens, generation.examples, generation.seed) == (12, 8, 2, 0)
+    assert not generation.base_answers   # the trial function asks the first trial for them
+    assert spec.to_dict()["generation"]["rows"] == 12
+    _spec, problems = validate_file(write_spec(tmp_path, merged(base_spec(tiny_world),
+                                                                {"objective.metric": "eval_rougeL"})))
+    assert any(problem.startswith("objective.metric: sequence-classification reports eval_loss")
+               for problem in problems)
+
+
+def test_generation_metrics_need_rows_with_a_reference_answer(tiny_world, tmp_path):
+    text_rows = [{"text": f"{_question(index)} four five"} for index in range(30)]
+    path = _chat_spec(tiny_world, tmp_path, text_rows, **{"objective": {"metric": "eval_chrf"}})
+    _spec, problems, _warnings = check_file(path)
+    assert problems == [f"objective.metric: eval_chrf scores generated answers against each row's reference answer, "
+                        f"and text rows hold none; give prompt-completion or messages rows, got text rows in "
+                        f"{tmp_path / 'train.jsonl'}"]

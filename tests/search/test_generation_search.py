@@ -1,0 +1,60 @@
+"""A search through Ray judged on generated answers (issue 21): chat rows on a tiny llama, the objective a
+generation metric; trials.csv, the Optuna storage and the report carry the scores, the answers and the base
+model's zero-shot answers beside the best trial's."""
+import csv
+import json
+import subprocess
+import sys
+
+import optuna
+import pytest
+import yaml
+
+from trainers.tiny_models import NEUTRAL_WORDS, build_tiny_causal_lm
+
+pytestmark = pytest.mark.slow
+# the tiny tokenizer's words; [SEP] opens a user turn, <s> an assistant turn, </s> ends it
+TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'assistant' %}<s> {{ m['content'] }} </s> "
+            "{% else %}[SEP] {{ m['content'] }} {% endif %}{% endfor %}{% if add_generation_prompt %}<s> {% endif %}")
+NUMBERS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+
+
+def test_a_search_on_generated_answers(tmp_path):
+    model = build_tiny_causal_lm(str(tmp_path / "llama"))
+    rows = []
+    for index in range(60):   # distinct questions (copies of train rows in eval are refused); answers count on
+        start = index % 5
+        question = f"{NUMBERS[start]} {NUMBERS[start + 1]} {NUMBERS[start + 2]} {NEUTRAL_WORDS[index // 5]}"
+        rows.append({"messages": [{"role": "user", "content": question},
+                                  {"role": "assistant", "content": " ".join(NUMBERS[start + 3:start + 5])}]})
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    spec = {
+        "name": "answers", "model": {"name_or_path": model, "task": "causal-lm"},
+        "data": {"train": str(tmp_path / "chat.jsonl"), "max_length": 32, "chat_template": TEMPLATE},
+        "peft": {"method": "lora", "target_modules": ["q_proj", "v_proj"]},
+        "space": {"r": [2, 4], "learning_rate": [3e-2, 5e-2]},
+        "training": {"epochs": 6, "batch_size": 12},
+        "objective": {"metric": "eval_token_f1"},
+        "generation": {"rows": 8, "max_new_tokens": 4, "examples": 2},
+        "search": {"algorithm": "random", "trials": 2, "concurrency": 1, "scheduler": "none", "seed": 1},
+        "resources": {"deepspeed": False}, "tracking": {"wandb": "disabled"},
+    }
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    proc = subprocess.run([sys.executable, "-m", "search", "run", str(path), "--runs-dir", str(tmp_path / "runs")],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "answers"
+    with open(run_dir / "trials.csv", newline="") as handle:
+        trials = list(csv.DictReader(handle))
+    assert [row["state"] for row in trials] == ["COMPLETE", "COMPLETE"]
+    assert all(0 <= float(row["eval_token_f1"]) <= 1 and float(row["generate_s"]) > 0 for row in trials)
+    study = optuna.load_study(study_name="peft-search", storage=f"sqlite:///{run_dir / 'study.sqlite3'}")
+    first = study.trials[0].user_attrs
+    assert 0 <= first["base_eval_token_f1"] <= 1 and len(first["base_answers"]) == 2
+    assert not any(key.startswith("base_") for key in study.trials[1].user_attrs)   # answered once per search
+    report = (run_dir / "report.md").read_text()
+    assert "| base model, no adapter (zero-shot) |" in report and "## Generated answers" in report
+    best = max(trials, key=lambda row: float(row["eval_token_f1"]))
+    assert f"| best trial ({best['number']}) |" in report
+    assert "base model:  " in report and "reference:   " in report
