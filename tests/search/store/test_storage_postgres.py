@@ -110,7 +110,7 @@ SEARCH_NAME = "pgsearch"
 
 
 def _spec(root, storage: str) -> dict:
-    """test_end_to_end's small, fast search (tiny BERT, 4 trials, 2 at a time) with its study in `storage`."""
+    """test_end_to_end's small, fast search (tiny BERT, 2 trials at once) with its study in `storage`."""
     model = build_tiny_classifier(str(root / "tiny-bert"), num_labels=2)
     train = make_learnable_classification_data(str(root / "train.jsonl"), 160, seed=1)
     return {
@@ -121,7 +121,7 @@ def _spec(root, storage: str) -> dict:
         "space": {"r": [2, 4], "learning_rate": [5e-3, 1e-2]},
         "training": {"epochs": 2, "batch_size": 16},
         "objective": {"metric": "eval_accuracy", "mode": "max"},
-        "search": {"algorithm": "random", "trials": 4, "concurrency": 2, "scheduler": "asha",
+        "search": {"algorithm": "random", "trials": 2, "concurrency": 2, "scheduler": "asha",
                    "evals_per_epoch": 1, "grace_rounds": 1, "seed": 3},
         "resources": {"workers_per_trial": 1, "deepspeed": {"enabled": False}},
         "tracking": {"wandb": "offline"},   # its run files land in the run directory: checked for the password too
@@ -171,7 +171,7 @@ def _files_holding(directory, needle: str):
 def test_search_on_postgres_keeps_every_trial_in_the_study_and_trials_csv(pg_run, postgres_server):
     run_dir, _, _ = pg_run
     rows = _csv_rows(run_dir)
-    assert [int(r["number"]) for r in rows] == [0, 1, 2, 3]
+    assert [int(r["number"]) for r in rows] == [0, 1]
     assert {r["state"] for r in rows} <= {"COMPLETE", "PRUNED", "FAIL"} and "COMPLETE" in {r["state"] for r in rows}
     study = optuna.load_study(study_name=SEARCH_NAME, storage=open_storage(postgres_server.url(), str(run_dir)))
     assert [(t.number, t.state.name) for t in study.trials] == [(int(r["number"]), r["state"]) for r in rows]
