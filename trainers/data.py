@@ -126,7 +126,7 @@ def resolve_format(data: DataSettings, task: str, rows: Sequence[Mapping[str, An
     return found[0] if found else TEXT
 
 
-def _kind(value: Any) -> str:
+def json_kind(value: Any) -> str:
     """A JSON value's type in words, for messages."""
     if value is None:
         return "null"
@@ -148,7 +148,7 @@ def _messages_problem(messages: Sequence[Any], name: str) -> Optional[Tuple[str,
     for index, message in enumerate(messages):
         where = f"{name}[{index}]"
         if not isinstance(message, Mapping):
-            return where, f"must be a mapping with role and content, got {_kind(message)}"
+            return where, f"must be a mapping with role and content, got {json_kind(message)}"
         role = message.get("role")
         if role not in CHAT_ROLES:
             return f"{where}.role", (f"must be one of {', '.join(CHAT_ROLES)}, got "
@@ -156,7 +156,7 @@ def _messages_problem(messages: Sequence[Any], name: str) -> Optional[Tuple[str,
         content = message.get("content")
         if not isinstance(content, str):
             return f"{where}.content", ("missing" if "content" not in message
-                                        else f"must be a string, got {_kind(content)}")
+                                        else f"must be a string, got {json_kind(content)}")
         if role == ASSISTANT and not content.strip():
             return f"{where}.content", "an empty assistant turn (nothing to learn)"
     return None
@@ -169,14 +169,14 @@ def row_problem(row: Any, data: DataSettings, fmt: str) -> Optional[Tuple[str, s
 
         return token_row_problem(row, data)
     if not isinstance(row, Mapping):
-        return "row", f"must be a mapping of fields, got {_kind(row)}"
+        return "row", f"must be a mapping of fields, got {json_kind(row)}"
     if fmt == MESSAGES:
         name = data.messages_field
         messages = row.get(name)
         if messages is None:
             return name, "missing (data.messages_field)" if name not in row else "null, not a list of messages"
         if not isinstance(messages, (list, tuple)):
-            return name, f"must be a list of {{role, content}} messages, got {_kind(messages)}"
+            return name, f"must be a list of {{role, content}} messages, got {json_kind(messages)}"
         if not messages:
             return name, "an empty conversation"
         problem = _messages_problem(messages, name)
@@ -193,7 +193,7 @@ def row_problem(row: Any, data: DataSettings, fmt: str) -> Optional[Tuple[str, s
         text = row.get(name)
         if text is None:
             return name, "missing (data.text_field)"
-        return None if isinstance(text, str) else (name, f"must be a string, got {_kind(text)}")
+        return None if isinstance(text, str) else (name, f"must be a string, got {json_kind(text)}")
     prompt_name, completion_name = data.prompt_field, data.completion_field
     prompt, completion = row.get(prompt_name), row.get(completion_name)
     for name, value, key in ((prompt_name, prompt, "prompt_field"), (completion_name, completion, "completion_field")):
@@ -201,14 +201,14 @@ def row_problem(row: Any, data: DataSettings, fmt: str) -> Optional[Tuple[str, s
             return name, f"missing (data.{key})" if name not in row else "null"
     if isinstance(prompt, str):
         if not isinstance(completion, str):
-            return completion_name, f"must be a string like the prompt, got {_kind(completion)}"
+            return completion_name, f"must be a string like the prompt, got {json_kind(completion)}"
         if not completion.strip():
             return completion_name, "an empty completion (nothing to learn)"
         return None
     if not isinstance(prompt, (list, tuple)):
-        return prompt_name, f"must be a string or a list of {{role, content}} messages, got {_kind(prompt)}"
+        return prompt_name, f"must be a string or a list of {{role, content}} messages, got {json_kind(prompt)}"
     if not isinstance(completion, (list, tuple)):
-        return completion_name, f"must be a list of messages like the prompt, got {_kind(completion)}"
+        return completion_name, f"must be a list of messages like the prompt, got {json_kind(completion)}"
     if not prompt:
         return prompt_name, "an empty list of messages"
     if not completion:

@@ -23,6 +23,13 @@ NEUTRAL_WORDS = (
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<s>", "</s>")
 VOCAB: List[str] = list(SPECIAL_TOKENS) + list(POSITIVE_WORDS) + list(NEGATIVE_WORDS) + list(NEUTRAL_WORDS)
 
+# The tiny tokenizer has no chat template: chat tests give this one, made of tokens it knows ([SEP] opens a user or
+# system turn, <s> an assistant turn, </s> ends it).
+TINY_CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'assistant' %}<s> {{ m['content'] }} </s> "
+                      "{% else %}[SEP] {{ m['content'] }} {% endif %}{% endfor %}"
+                      "{% if add_generation_prompt %}<s> {% endif %}")
+NUMBER_WORDS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+
 # Small but not degenerate: 64 is the smallest width where bitsandbytes' 4-bit blocks (64 values)
 # tile every weight, so the same tiny llama serves the NF4 tests.
 _HIDDEN = 64
@@ -205,3 +212,18 @@ def _write_jsonl(path: str, rows: List[dict]) -> None:
     with open(path, "w", encoding="utf-8") as handle:
         for row in rows:
             handle.write(json.dumps(row) + "\n")
+
+
+def counting_conversations(n: int, distinct: bool = False) -> List[dict]:
+    """Chat rows a tiny model learns in a few steps: the user says three numbers in order, the assistant the next
+    two. `distinct`: a neutral word after the numbers makes every question (up to 180) differ, as validate wants
+    of eval rows (a copy of a train row would measure memorisation)."""
+    rows = []
+    for index in range(n):
+        start = index % 5
+        question = " ".join(NUMBER_WORDS[start:start + 3])
+        if distinct:
+            question += f" {NEUTRAL_WORDS[index // 5]}"
+        rows.append({"messages": [{"role": "user", "content": question},
+                                  {"role": "assistant", "content": " ".join(NUMBER_WORDS[start + 3:start + 5])}]})
+    return rows

@@ -15,8 +15,7 @@ import os
 import re
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-# TOKEN_CLASSIFICATION and TOKENS (the row format) live in trainers/data.py, which dispatches on them.
-from trainers.data import IGNORE_INDEX, KEEP, TOKEN_CLASSIFICATION, TOKENS, PadCollator, _kind  # noqa: F401
+from trainers.data import IGNORE_INDEX, KEEP, TOKEN_CLASSIFICATION, PadCollator, json_kind
 from trainers.records import DataError, Records, read_records, row_place
 from trainers.settings import DataSettings
 
@@ -78,24 +77,24 @@ def read_conll(path: str, tokens_field: str = "tokens", tags_field: str = "tags"
 def token_row_problem(row: Any, data: DataSettings) -> Optional[Tuple[str, str]]:
     """(field, what is wrong) of a words + tags row, or None when it can be trained on."""
     if not isinstance(row, Mapping):
-        return "row", f"must be a mapping of fields, got {_kind(row)}"
+        return "row", f"must be a mapping of fields, got {json_kind(row)}"
     words_name, tags_name = data.tokens_field, data.tags_field
     words, tags = row.get(words_name), row.get(tags_name)
     for name, value, key in ((words_name, words, "tokens_field"), (tags_name, tags, "tags_field")):
         if value is None:
             return name, f"missing (data.{key})" if name not in row else "null, not a list"
         if not isinstance(value, (list, tuple)):
-            return name, f"must be a list of strings, got {_kind(value)}"
+            return name, f"must be a list of strings, got {json_kind(value)}"
     if not words:
         return words_name, "an empty list of words (nothing to tag)"
     for index, word in enumerate(words):
         if not isinstance(word, str) or not word.strip():
-            return f"{words_name}[{index}]", f"must be a non-empty string, got {_kind(word)}"
+            return f"{words_name}[{index}]", f"must be a non-empty string, got {json_kind(word)}"
     if len(tags) != len(words):
         return tags_name, f"has {len(tags)} tags for {len(words)} words; needs one tag per word"
     for index, tag in enumerate(tags):
         if not isinstance(tag, str):
-            return f"{tags_name}[{index}]", f"must be a string, got {_kind(tag)}"
+            return f"{tags_name}[{index}]", f"must be a string, got {json_kind(tag)}"
         if not _BIO_TAG.fullmatch(tag):
             return f"{tags_name}[{index}]", f"{tag!r} is not a BIO tag (O, B-TYPE or I-TYPE)"
     return None

@@ -10,27 +10,18 @@ import optuna
 import pytest
 import yaml
 
-from trainers.tiny_models import NEUTRAL_WORDS, build_tiny_causal_lm
+from trainers.tiny_models import TINY_CHAT_TEMPLATE, build_tiny_causal_lm, counting_conversations
 
 pytestmark = pytest.mark.slow
-# the tiny tokenizer's words; [SEP] opens a user turn, <s> an assistant turn, </s> ends it
-TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'assistant' %}<s> {{ m['content'] }} </s> "
-            "{% else %}[SEP] {{ m['content'] }} {% endif %}{% endfor %}{% if add_generation_prompt %}<s> {% endif %}")
-NUMBERS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 
 
 def test_a_search_on_generated_answers(tmp_path):
     model = build_tiny_causal_lm(str(tmp_path / "llama"))
-    rows = []
-    for index in range(60):   # distinct questions (copies of train rows in eval are refused); answers count on
-        start = index % 5
-        question = f"{NUMBERS[start]} {NUMBERS[start + 1]} {NUMBERS[start + 2]} {NEUTRAL_WORDS[index // 5]}"
-        rows.append({"messages": [{"role": "user", "content": question},
-                                  {"role": "assistant", "content": " ".join(NUMBERS[start + 3:start + 5])}]})
+    rows = counting_conversations(60, distinct=True)   # copies of train rows in eval are refused
     (tmp_path / "chat.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     spec = {
         "name": "answers", "model": {"name_or_path": model, "task": "causal-lm"},
-        "data": {"train": str(tmp_path / "chat.jsonl"), "max_length": 32, "chat_template": TEMPLATE},
+        "data": {"train": str(tmp_path / "chat.jsonl"), "max_length": 32, "chat_template": TINY_CHAT_TEMPLATE},
         "peft": {"method": "lora", "target_modules": ["q_proj", "v_proj"]},
         "space": {"r": [2, 4], "learning_rate": [3e-2, 5e-2]},
         "training": {"epochs": 6, "batch_size": 12},

@@ -10,8 +10,8 @@ import math
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 from trainers_helpers import LLAMA_PARAMS
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import trainers.recipe as recipe
 from trainers.data import (CAUSAL_LM, IGNORE_INDEX, MESSAGES, PROMPT_COMPLETION, TEXT, PadCollator, chat_example,
@@ -20,9 +20,9 @@ from trainers.metrics import EvalCounts
 from trainers.records import DataError
 from trainers.settings import (DataSettings, EngineSettings, GenerationSettings, ModelSettings, PeftSettings,
                                TrainingSettings, TrialSettings)
+from trainers.tiny_models import TINY_CHAT_TEMPLATE, counting_conversations
 
-TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'assistant' %}<s> {{ m['content'] }} </s> "
-            "{% else %}[SEP] {{ m['content'] }} {% endif %}{% endfor %}{% if add_generation_prompt %}<s> {% endif %}")
+TEMPLATE = TINY_CHAT_TEMPLATE
 # The same rendering, with the assistant's part marked for transformers' assistant mask.
 GENERATION_TEMPLATE = TEMPLATE.replace("<s> {{ m['content'] }} </s> ",
                                        "<s> {% generation %}{{ m['content'] }} </s>{% endgeneration %} ")
@@ -206,13 +206,7 @@ def test_a_missing_chat_template_is_named(tokenizer):
 
 
 def _chat_rows(n):
-    numbers = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
-    rows = []
-    for index in range(n):
-        start = index % 5
-        question, answer = " ".join(numbers[start:start + 3]), " ".join(numbers[start + 3:start + 5])
-        rows.append({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]})
-    return rows
+    return counting_conversations(n)
 
 
 def test_a_chat_trial_learns_its_completions(tmp_path, tiny_llama):

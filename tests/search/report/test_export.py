@@ -100,18 +100,13 @@ def test_a_merged_chat_model_generates_the_trials_answers(tmp_path):
     from trainers.data import MESSAGES, split_records
     from trainers.generation import answer, questions
     from trainers.settings import GenerationSettings
-    from trainers.tiny_models import build_tiny_causal_lm
+    from trainers.tiny_models import TINY_CHAT_TEMPLATE, build_tiny_causal_lm, counting_conversations
 
-    template = ("{% for m in messages %}{% if m['role'] == 'assistant' %}<s> {{ m['content'] }} </s> "
-                "{% else %}[SEP] {{ m['content'] }} {% endif %}{% endfor %}"
-                "{% if add_generation_prompt %}<s> {% endif %}")
-    numbers = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
-    rows = [{"messages": [{"role": "user", "content": " ".join(numbers[i % 5:i % 5 + 3])},
-                          {"role": "assistant", "content": " ".join(numbers[i % 5 + 3:i % 5 + 5])}]} for i in range(60)]
+    rows = counting_conversations(60)
     (tmp_path / "chat.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     model = build_tiny_causal_lm(str(tmp_path / "llama"))
     generation = GenerationSettings(rows=8, max_new_tokens=4, examples=8)
-    data = DataSettings(str(tmp_path / "chat.jsonl"), max_length=32, chat_template=template)
+    data = DataSettings(str(tmp_path / "chat.jsonl"), max_length=32, chat_template=TINY_CHAT_TEMPLATE)
     settings = TrialSettings(model=ModelSettings(model, task="causal-lm"), data=data,
                              peft=PeftSettings("lora", {"r": 4, "target_modules": ["q_proj", "v_proj"]}),
                              training=TrainingSettings(learning_rate=3e-2, epochs=6, batch_size=12),

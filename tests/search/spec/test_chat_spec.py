@@ -12,25 +12,19 @@ from test_spec_helpers import DELETE, base_spec, merged, tiny_world, write_spec 
 
 from search.cli import main as cli_main
 from search.spec.validate import check_file, validate_file
-from trainers.tiny_models import NEUTRAL_WORDS
-
-# The tiny tokenizer has no chat template: one made of tokens it knows ([SEP] opens a user turn, <s> an
-# assistant turn, </s> ends it).
-TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'assistant' %}<s> {{ m['content'] }} </s> "
-            "{% else %}[SEP] {{ m['content'] }} {% endif %}{% endfor %}{% if add_generation_prompt %}<s> {% endif %}")
-NUMBERS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+from trainers.tiny_models import NEUTRAL_WORDS, NUMBER_WORDS, TINY_CHAT_TEMPLATE
 
 
 def _question(index: int) -> str:
     """A different question for every index below 360 (rows that repeat would be refused as eval copies)."""
-    return f"{NEUTRAL_WORDS[index % 36]} {NUMBERS[index // 36]} one"
+    return f"{NEUTRAL_WORDS[index % 36]} {NUMBER_WORDS[index // 36]} one"
 
 
 def _conversation(index: int, answer_words: int = 2):
     start = index % 5
     return {"messages": [{"role": "user", "content": _question(index)},
                          {"role": "assistant",
-                          "content": " ".join(NUMBERS[(start + 3 + word) % 10] for word in range(answer_words))}]}
+                          "content": " ".join(NUMBER_WORDS[(start + 3 + word) % 10] for word in range(answer_words))}]}
 
 
 def _write(path, rows) -> str:
@@ -44,7 +38,7 @@ def _chat_spec(world, tmp_path, train_rows=None, **overrides):
     spec = merged(base_spec(world), {
         "model.name_or_path": world["llama"], "model.task": "causal-lm",
         "data.train": train, "data.eval": DELETE, "data.label_field": DELETE, "data.text_field": DELETE,
-        "data.chat_template": TEMPLATE, "objective": DELETE,
+        "data.chat_template": TINY_CHAT_TEMPLATE, "objective": DELETE,
     })
     return write_spec(tmp_path, merged(spec, overrides))
 
@@ -72,18 +66,18 @@ def test_a_chat_spec_validates_and_shows_one_row_as_trained(tiny_world, tmp_path
 
 def test_the_trials_get_the_data_keys(tiny_world, tmp_path):
     template_file = tmp_path / "template.jinja"
-    template_file.write_text(TEMPLATE)
+    template_file.write_text(TINY_CHAT_TEMPLATE)
     spec, problems = validate_file(_chat_spec(tiny_world, tmp_path, **{
         "data.chat_template": str(template_file), "data.completion_only_loss": False, "data.format": "messages"}))
     assert problems == []
     data = spec.trial_settings({}).data
     assert (data.format, data.messages_field, data.completion_only_loss) == ("messages", "messages", False)
-    assert data.chat_template == TEMPLATE   # the file's text: workers need no copy of it
+    assert data.chat_template == TINY_CHAT_TEMPLATE   # the file's text: workers need no copy of it
     assert spec.to_dict()["data"]["chat_template"] == str(template_file)
 
 
 def test_prompt_completion_rows_with_their_own_field_names(tiny_world, tmp_path, capsys):
-    rows = [{"q": _question(index), "a": f" {NUMBERS[index % 10]}"} for index in range(30)]
+    rows = [{"q": _question(index), "a": f" {NUMBER_WORDS[index % 10]}"} for index in range(30)]
     path = _chat_spec(tiny_world, tmp_path, rows, **{"data.prompt_field": "q", "data.completion_field": "a",
                                                       "data.chat_template": DELETE})
     code, out, err = _validate(path, capsys)
