@@ -26,6 +26,17 @@ from trainers.hub import MODEL_ALIASES, resolve_model_path
 DIGEST = "ab" * 32
 
 
+@pytest.fixture(autouse=True)
+def _fresh_model_inspection():
+    """inspect_model caches shapes by reference (`smollm2`), and these tests move the alias's cache under it: an
+    earlier test of the same process (validating the examples) must not answer for them."""
+    from trainers.inspect import inspect_model
+
+    inspect_model.cache_clear()
+    yield
+    inspect_model.cache_clear()
+
+
 @pytest.fixture
 def fake_gguf(tmp_path, monkeypatch):
     """A cache in tmp_path, a made-up GGUF, and a conversion that writes a tiny directory and counts its calls."""
