@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from trainers_helpers import LLAMA_PARAMS
+from trainers_helpers import LLAMA_PARAMS, packed_reports
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import trainers.recipe as recipe
@@ -226,7 +226,6 @@ def test_a_chat_trial_learns_its_completions(tmp_path, tiny_llama):
 
 def test_packed_chat_members_match_their_solo_runs(tmp_path, tiny_llama):
     from trainers.model import load_base
-    from trainers.packing.pack import Pack
 
     data = DataSettings(_write(tmp_path / "chat.jsonl", _chat_rows(40)), max_length=32, chat_template=TEMPLATE)
     # both members answer 6 eval rows each round (generation-based evaluation); "a" also with its adapter off
@@ -241,16 +240,7 @@ def test_packed_chat_members_match_their_solo_runs(tmp_path, tiny_llama):
     for key, settings in members.items():
         solo[key] = []
         recipe.run_trial(settings, solo[key].append, str(tmp_path / f"solo_{key}"))
-    torch.set_num_threads(1)
-    packed = {}
-    with Pack(load_base(members["a"].model)) as pack:
-        for key, settings in members.items():
-            pack.add(key, settings)
-        while any(member.trains for member in pack.members.values()):
-            result = pack.step()
-            assert not result.failed, result.failed
-            for key in result.round_ends:
-                packed.setdefault(key, []).append(pack.evaluate(key))
+    packed = packed_reports(load_base(members["a"].model), members)
     for key in members:
         assert len(packed[key]) == len(solo[key])
         for mine, theirs in zip(packed[key], solo[key]):

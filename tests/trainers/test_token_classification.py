@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
-from trainers_helpers import BERT_PARAMS, LEARNING_RATES, skip_refused_prefix_tuning
+from trainers_helpers import BERT_PARAMS, LEARNING_RATES, packed_reports, skip_refused_prefix_tuning
 
 from trainers import recipe
 from trainers.adapters import build_peft_config
@@ -18,7 +18,6 @@ from trainers.data import IGNORE_INDEX, KEEP, read_trial_rows, split_records
 from trainers.hub import resolve_model_path
 from trainers.metrics import EvalCounts
 from trainers.model import load_base
-from trainers.packing.pack import Pack
 from trainers.records import DataError
 from trainers.settings import DataSettings, EngineSettings, ModelSettings, PeftSettings, TrainingSettings, TrialSettings
 from trainers.tiny_models import build_tiny_token_classifier, make_learnable_token_data
@@ -222,16 +221,7 @@ def test_packed_lora_members_match_their_solo_runs(tmp_path, tiny_ner, ner_data)
     }
     members["a"] = replace(members["a"], peft=PeftSettings("lora", {**BERT_PARAMS["lora"], "lora_dropout": 0.0}))
     solo = {key: _reports(settings, tmp_path / f"solo_{key}") for key, settings in members.items()}
-    torch.set_num_threads(1)
-    packed = {}
-    with Pack(load_base(members["a"].model, num_labels=len(TAGS))) as pack:
-        for key, settings in members.items():
-            pack.add(key, settings)
-        while any(member.trains for member in pack.members.values()):
-            result = pack.step()
-            assert not result.failed, result.failed
-            for key in result.round_ends:
-                packed.setdefault(key, []).append(pack.evaluate(key))
+    packed = packed_reports(load_base(members["a"].model, num_labels=len(TAGS)), members)
     for key in members:
         assert len(packed[key]) == len(solo[key])
         for mine, theirs in zip(packed[key], solo[key]):

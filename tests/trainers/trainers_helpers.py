@@ -54,3 +54,23 @@ def skip_refused_prefix_tuning(method: str, model_path: str) -> None:
     problem = inspect_model(model_path, "sequence-classification").prefix_tuning_problem
     if method == "prefix-tuning" and problem:
         pytest.skip(problem)
+
+
+def packed_reports(base, members) -> dict:
+    """Each member's round reports (key -> list) when `members` ({key: TrialSettings}) train packed on `base`,
+    evaluated at their round ends as the pool does; one torch thread, as their solo runs in these tests."""
+    import torch
+
+    from trainers.packing.pack import Pack
+
+    torch.set_num_threads(1)
+    reports: dict = {}
+    with Pack(base) as pack:
+        for key, settings in members.items():
+            pack.add(key, settings)
+        while any(member.trains for member in pack.members.values()):
+            result = pack.step()
+            assert not result.failed, result.failed
+            for key in result.round_ends:
+                reports.setdefault(key, []).append(pack.evaluate(key))
+    return reports
