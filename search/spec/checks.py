@@ -8,7 +8,7 @@ import importlib.util
 import itertools
 import math
 import os
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from search.spec.sections import GENERATION_MODES, DataSection
 from spaces import targets as target_presets
@@ -48,6 +48,35 @@ def _hub_id_problems(key: str, source: str) -> List[str]:
     return []
 
 
+def local_rows(data: DataSection, read: Callable[[str, str], Sequence[Mapping[str, Any]]],
+               problems: List[str]) -> Dict[str, Sequence[Mapping[str, Any]]]:
+    """{"train": rows, "eval": rows} of the sources that are local files, read by `read(source, key)`. A missing,
+    unreadable or empty file adds its problem to `problems`; a source that is no local file is checked as an HF
+    dataset id (a hub dataset is loaded when the run starts: validate downloads nothing)."""
+    rows_by_key: Dict[str, Sequence[Mapping[str, Any]]] = {}
+    for key in ("train", "eval"):
+        source = getattr(data, key)
+        if source is None:
+            continue
+        if not is_local_source(source):
+            if importlib.util.find_spec("datasets") is None:
+                problems.append(f"data.{key}: {source!r} is not a local file, and HF dataset ids need "
+                                f"pip install 'peft-search[hub-datasets]'")
+            problems += _hub_id_problems(key, source)
+            continue
+        try:
+            rows = read(source, key)
+        except DataError as exc:
+            problems.append(f"data.{key}: {exc} (relative paths are read from the spec file's directory)"
+                            if "no such file" in str(exc) else f"data.{key}: {exc}")
+            continue
+        if not rows:
+            problems.append(f"data.{key}: has no rows, got an empty file {source}")
+            continue
+        rows_by_key[key] = rows
+    return rows_by_key
+
+
 def data_problems(data: DataSection, task: str) -> List[str]:
     """Files exist, have rows, and every row has the fields of its format: the text (a string) and label
     field, or a prompt and completion, or a conversation (trainers/data.py: each bad row named by its file,
@@ -63,28 +92,9 @@ def data_problems(data: DataSection, task: str) -> List[str]:
         problems.append(f"data.format: {task} reads data.text_field (and data.label_field); prompt-completion and "
                         f"messages rows are for causal-lm, got {data.format!r}")
         return problems
-    rows_by_key: Dict[str, List[Mapping[str, Any]]] = {}
+    rows_by_key = local_rows(data, lambda source, key: read_records(source, split=key), problems)
     fmt: Optional[str] = None
-    for key in ("train", "eval"):
-        source = getattr(data, key)
-        if source is None:
-            continue
-        if not is_local_source(source):
-            if importlib.util.find_spec("datasets") is None:
-                problems.append(f"data.{key}: {source!r} is not a local file, and HF dataset ids need "
-                                f"pip install 'peft-search[hub-datasets]'")
-            problems += _hub_id_problems(key, source)
-            continue  # a hub dataset is loaded when the run starts; validate downloads nothing
-        try:
-            rows = read_records(source, split=key)
-        except DataError as exc:
-            problems.append(f"data.{key}: {exc} (relative paths are read from the spec file's directory)"
-                            if "no such file" in str(exc) else f"data.{key}: {exc}")
-            continue
-        if not rows:
-            problems.append(f"data.{key}: has no rows, got an empty file {source}")
-            continue
-        rows_by_key[key] = rows
+    for key, rows in rows_by_key.items():
         if fmt is None:   # train's first row decides (eval's where train is a hub dataset)
             try:
                 fmt = resolve_format(data, task, rows)

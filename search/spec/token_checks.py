@@ -3,12 +3,10 @@ method PEFT can train it with, and the rows of its data files (trainers/token_da
 same way when a trial starts). Each function returns problems (`key.path: what is wrong, got X`)."""
 from __future__ import annotations
 
-import importlib.util
-from typing import Any, Dict, List, Mapping, Sequence
+from typing import List
 
 from trainers.data import TOKEN_CLASSIFICATION, TOKENS
 
-_MAX_SHOWN = 8
 PER_TYPE_F1 = "eval_f1_"   # eval_f1_<TYPE>: the F1 of one entity type
 
 
@@ -39,32 +37,15 @@ def token_key_problems(model, data, peft) -> List[str]:
 def token_data_problems(data) -> List[str]:
     """Files exist and have rows, every row is words with one BIO tag each (each bad row named by file, row and
     field), train holds an entity tag, and eval holds no tag train lacks."""
-    from search.spec.checks import _hub_id_problems
+    from search.spec.checks import _MAX_SHOWN, local_rows
     from trainers.data import rows_problems
-    from trainers.records import DataError, is_local_source
+    from trainers.records import DataError
     from trainers.token_data import read_token_records, tag_mapping, unseen_tags
 
     problems: List[str] = []
-    rows_by_key: Dict[str, Sequence[Mapping[str, Any]]] = {}
-    for key in ("train", "eval"):
-        source = getattr(data, key)
-        if source is None:
-            continue
-        if not is_local_source(source):
-            if importlib.util.find_spec("datasets") is None:
-                problems.append(f"data.{key}: {source!r} is not a local file, and HF dataset ids need "
-                                f"pip install 'peft-search[hub-datasets]'")
-            problems += _hub_id_problems(key, source)
-            continue
-        try:
-            rows = read_token_records(source, data, split=key)
-        except DataError as exc:
-            problems.append(f"data.{key}: {exc} (relative paths are read from the spec file's directory)"
-                            if "no such file" in str(exc) else f"data.{key}: {exc}")
-            continue
-        if not rows:
-            problems.append(f"data.{key}: has no rows, got an empty file {source}")
-            continue
+    rows_by_key = {}
+    for key, rows in local_rows(data, lambda source, key: read_token_records(source, data, split=key),
+                                problems).items():
         shown, bad = rows_problems(rows, data, TOKENS, split=key, limit=_MAX_SHOWN)
         problems += [f"data.{key}: {problem}" for problem in shown]
         if bad > len(shown):
