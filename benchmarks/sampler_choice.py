@@ -777,7 +777,9 @@ def compare(out: dict) -> dict:
             out["table_median_best"] = {a: summary["per_n"][str(n)][a]["median_best_by_task"].get(out["task"])
                                         for a in out["arms"] if a in summary["per_n"][str(n)]}
         same = [r for r in summary.get("runs", []) if r["task"] == out["task"] and r["seed"] in out["seeds"]]
-        out["table_best_same_seeds"] = {r["arm"]: max(r["observed"][:n]) for r in same if r["arm"] in out["arms"]}
+        out["table_mean_best_same_seeds"] = {
+            arm: round(statistics.mean(max(r["observed"][:n]) for r in same if r["arm"] == arm), 4)
+            for arm in out["arms"] if any(r["arm"] == arm for r in same)}
     return out
 
 
