@@ -22,7 +22,6 @@ from trainers.data import ASSISTANT, MESSAGES, PROMPT_COMPLETION, chat_template_
 from trainers.distributed import DistContext, all_gather_objects
 from trainers.settings import ANSWERS_KEY, BASE_PREFIX, GENERATE_SECONDS_KEY, DataSettings, GenerationSettings
 
-GENERATION_METRICS = ("eval_exact_match", "eval_token_f1", "eval_rougeL", "eval_chrf")
 PROMPT_SHOWN_CHARS = 600             # an example's prompt is kept up to this many characters (its end)
 
 

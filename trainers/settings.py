@@ -116,6 +116,8 @@ class EngineSettings:
 ANSWERS_KEY = "answers"              # a few example rows: prompt, reference, answer
 BASE_PREFIX = "base_"                # base_eval_rougeL, base_answers...: the same with the adapter off (zero-shot)
 GENERATE_SECONDS_KEY = "generate_s"  # the round's seconds spent generating
+# The scores of generated answers (trainers/generation.py), each in [0, 1], higher is better
+GENERATION_METRICS = ("eval_exact_match", "eval_token_f1", "eval_rougeL", "eval_chrf")
 
 
 @dataclass(frozen=True)

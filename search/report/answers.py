@@ -9,6 +9,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 from search.numbers import is_number, show_number
 from search.report.blocks import Block, Code, Section, Table
 from search.store.keys import ANSWERS_KEY, BASE_PREFIX
+from trainers.settings import GENERATION_METRICS
 
 BASE_EVAL_PREFIX = BASE_PREFIX + "eval_"
 
@@ -37,7 +38,7 @@ def read_answers(trials: Sequence[object], best: Optional[Mapping[str, object]])
                    if key.startswith(BASE_EVAL_PREFIX) and is_number(value)}
     best_scores = {key: best_trial.user_attrs.get(key) for key in base_scores} or {
         key: value for key, value in best_trial.user_attrs.items()
-        if key in ("eval_exact_match", "eval_token_f1", "eval_rougeL", "eval_chrf")}
+        if key in GENERATION_METRICS}
     return GeneratedAnswers(best_number=best_trial.number, best_scores=best_scores, base_scores=base_scores,
                             best=best_trial.user_attrs[ANSWERS_KEY],
                             base=base_attrs.get(BASE_PREFIX + ANSWERS_KEY) or [])

@@ -17,8 +17,8 @@ from search.spec.guidance import TASK_KINDS
 from search.spec.fields import Section, rule, show
 from search.store.storage import INSTALL_HINT, redact_url  # redact_url: spec.py imports it from here
 from spaces.methods import TRAINING_PARAMS
-from trainers.settings import (ATTN_IMPLEMENTATIONS, DATA_FORMATS, DTYPES, OFFLOAD_DEVICES, OPTIMIZERS, QUANTIZATIONS,
-                               TASKS)
+from trainers.settings import (ATTN_IMPLEMENTATIONS, DATA_FORMATS, DTYPES, GENERATION_METRICS, OFFLOAD_DEVICES,
+                               OPTIMIZERS, QUANTIZATIONS, TASKS)
 
 NAME_PATTERN = r"[A-Za-z0-9._-]+"
 # The run directory's name, and the default W&B project (which allows 128 characters); a filesystem 255 bytes.
@@ -37,7 +37,7 @@ TASK_METRICS = {
                              "eval_recall": "max", "eval_f1": "max"},
 }
 # eval_* metrics of generation-based evaluation (causal-lm rows with a reference answer; GenerationSection)
-GENERATION_MODES = {"eval_exact_match": "max", "eval_token_f1": "max", "eval_rougeL": "max", "eval_chrf": "max"}
+GENERATION_MODES = dict.fromkeys(GENERATION_METRICS, "max")
 SYSTEM_MODES = {"tokens_per_s": "max", "peak_mem_mb": "min", "adapter_mb": "min", "train_s": "min", "energy_j": "min"}
 DEFAULT_METRIC = {"sequence-classification": "eval_accuracy", "causal-lm": "eval_loss",
                   "token-classification": "eval_f1"}
