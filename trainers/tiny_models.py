@@ -102,8 +102,21 @@ def build_tiny_causal_lm(path: str, arch: str = "llama", seed: int = 0) -> str:
 
 def build_tiny_classifier(path: str, num_labels: int = 2, seed: int = 0) -> str:
     """Write a 2-layer BERT-like classifier (attention modules `query`, `key`, `value`) and its tokenizer."""
+    from transformers import AutoModelForSequenceClassification
+
+    return _build_tiny_bert(path, AutoModelForSequenceClassification, num_labels, seed)
+
+
+def build_tiny_token_classifier(path: str, num_labels: int, seed: int = 0) -> str:
+    """Write a 2-layer BERT-like token classifier (one output per tag) and its tokenizer to `path`."""
+    from transformers import AutoModelForTokenClassification
+
+    return _build_tiny_bert(path, AutoModelForTokenClassification, num_labels, seed)
+
+
+def _build_tiny_bert(path: str, auto_class, num_labels: int, seed: int) -> str:
     import torch
-    from transformers import AutoModelForSequenceClassification, BertConfig
+    from transformers import BertConfig
 
     vocab = {word: index for index, word in enumerate(VOCAB)}
     config = BertConfig(
@@ -117,27 +130,7 @@ def build_tiny_classifier(path: str, num_labels: int = 2, seed: int = 0) -> str:
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
     )
     torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_config(config)
-    os.makedirs(path, exist_ok=True)
-    model.save_pretrained(path)
-    build_tiny_tokenizer(causal=False).save_pretrained(path)
-    return path
-
-
-def build_tiny_token_classifier(path: str, num_labels: int, seed: int = 0) -> str:
-    """Write a 2-layer BERT-like token classifier (one output per tag) and its tokenizer to `path`."""
-    import torch
-    from transformers import AutoModelForTokenClassification, BertConfig
-
-    vocab = {word: index for index, word in enumerate(VOCAB)}
-    config = BertConfig(
-        vocab_size=len(VOCAB), hidden_size=_HIDDEN, intermediate_size=_INTERMEDIATE,
-        num_hidden_layers=_LAYERS, num_attention_heads=_HEADS, max_position_embeddings=_MAX_POSITIONS,
-        num_labels=num_labels, pad_token_id=vocab["[PAD]"], initializer_range=0.1,   # as build_tiny_classifier
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )
-    torch.manual_seed(seed)
-    model = AutoModelForTokenClassification.from_config(config)
+    model = auto_class.from_config(config)
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path)
     build_tiny_tokenizer(causal=False).save_pretrained(path)

@@ -1,14 +1,11 @@
 """A search through Ray judged on generated answers (issue 21): chat rows on a tiny llama, the objective a
 generation metric; trials.csv, the Optuna storage and the report carry the scores, the answers and the base
 model's zero-shot answers beside the best trial's."""
-import csv
 import json
-import subprocess
-import sys
 
 import optuna
 import pytest
-import yaml
+from searches import finished_run, trial_rows
 
 from trainers.tiny_models import TINY_CHAT_TEMPLATE, build_tiny_causal_lm, counting_conversations
 
@@ -30,14 +27,8 @@ def test_a_search_on_generated_answers(tmp_path):
         "search": {"algorithm": "random", "trials": 2, "concurrency": 1, "scheduler": "none", "seed": 1},
         "resources": {"deepspeed": False}, "tracking": {"wandb": "disabled"},
     }
-    path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    proc = subprocess.run([sys.executable, "-m", "search", "run", str(path), "--runs-dir", str(tmp_path / "runs")],
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    run_dir = tmp_path / "runs" / "answers"
-    with open(run_dir / "trials.csv", newline="") as handle:
-        trials = list(csv.DictReader(handle))
+    run_dir = finished_run(spec, tmp_path)
+    trials = trial_rows(run_dir)
     assert [row["state"] for row in trials] == ["COMPLETE", "COMPLETE"]
     assert all(0 <= float(row["eval_token_f1"]) <= 1 and float(row["generate_s"]) > 0 for row in trials)
     study = optuna.load_study(study_name="peft-search", storage=f"sqlite:///{run_dir / 'study.sqlite3'}")

@@ -1,11 +1,7 @@
 """One real `peft-search run` of a token-classification spec through Ray Tune + Optuna + Ray Train on a tiny BERT:
 every trial reports entity-level metrics (trials.csv), and the report judges the best one by the NER bar."""
-import csv
-import subprocess
-import sys
-
 import pytest
-import yaml
+from searches import finished_run, trial_rows
 
 from trainers.tiny_models import build_tiny_token_classifier, make_learnable_token_data
 
@@ -26,14 +22,8 @@ def test_a_token_classification_search_reports_entity_f1(tmp_path):
         "resources": {"workers_per_trial": 1},
         "tracking": {"wandb": "disabled"},
     }
-    spec_path = tmp_path / "spec.yaml"
-    spec_path.write_text(yaml.safe_dump(spec))
-    proc = subprocess.run([sys.executable, "-m", "search", "run", str(spec_path), "--runs-dir", str(tmp_path / "runs")],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    run_dir = tmp_path / "runs" / "ner-e2e"
-    with open(run_dir / "trials.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
+    run_dir = finished_run(spec, tmp_path, timeout=600)
+    rows = trial_rows(run_dir)
     assert len(rows) == 2 and all(row["state"] == "COMPLETE" for row in rows), rows
     for row in rows:
         for name in ("eval_f1", "eval_precision", "eval_recall", "eval_accuracy", "eval_f1_POS", "eval_f1_NEG"):

@@ -1,11 +1,7 @@
 """Host memory pressure in a real search: a worker over `resources.memory_per_worker_gb` fails its trial with an
 out-of-memory reason (recorded, never retried), its worker group lives on for the next trial, nothing hangs."""
-import csv
-import subprocess
-import sys
-
 import pytest
-import yaml
+from searches import run_spec, trial_rows
 
 from trainers.tiny_models import build_tiny_classifier, make_learnable_classification_data
 
@@ -28,13 +24,9 @@ def test_trials_over_the_memory_cap_fail_with_the_reason_and_the_search_ends(tmp
         "resources": {"deepspeed": {"enabled": False}, "memory_per_worker_gb": 0.05},
         "tracking": {"wandb": "disabled"},
     }
-    path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    proc = subprocess.run([sys.executable, "-m", "search", "run", str(path), "--runs-dir", str(tmp_path / "runs")],
-                          capture_output=True, text=True, timeout=600)
+    proc = run_spec(spec, tmp_path, timeout=600)
     output = proc.stdout[-3000:] + proc.stderr[-3000:]
-    with open(tmp_path / "runs" / "capped" / "trials.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
+    rows = trial_rows(tmp_path / "runs" / "capped")
     assert [row["state"] for row in rows] == ["FAIL", "FAIL"], output
     for row in rows:
         reason = row["fail_reason"]

@@ -6,14 +6,11 @@ the steps measured.
 pack_min_gain: 0 (pack as many as fit, up to pack_max 3): the gain rule reads step times, which on a shared
 2-core CPU may say anything (seen: +15% from a third member on an idle machine, +0% under load 30), and the
 test needs K = 3 to test packing; the memory budget (host memory) fits 3 tiny members many times over."""
-import csv
 import json
-import subprocess
-import sys
 
 import pytest
-import yaml
 from peft import PeftModel
+from searches import finished_run, trial_rows
 from transformers import AutoModelForSequenceClassification
 
 from trainers.tiny_models import build_tiny_classifier, make_learnable_classification_data
@@ -37,14 +34,8 @@ def test_packed_trials_are_each_their_own_trial(tmp_path):
         "resources": {"deepspeed": {"enabled": False}},
         "tracking": {"wandb": "disabled"},
     }
-    path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    proc = subprocess.run([sys.executable, "-m", "search", "run", str(path), "--runs-dir", str(tmp_path / "runs")],
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    run_dir = tmp_path / "runs" / "packed"
-    with open(run_dir / "trials.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
+    run_dir = finished_run(spec, tmp_path)
+    rows = trial_rows(run_dir)
     assert len(rows) == 6
     packing = json.loads((run_dir / "packing.json").read_text())
     assert packing["chosen_by"] == "cost model" and packing["k"] == 3, packing
