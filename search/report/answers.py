@@ -11,9 +11,6 @@ from search.report.blocks import Block, Code, Section, Table
 from search.store.keys import ANSWERS_KEY, BASE_PREFIX
 from trainers.settings import GENERATION_METRICS
 
-BASE_EVAL_PREFIX = BASE_PREFIX + "eval_"
-
-
 @dataclass(frozen=True)
 class GeneratedAnswers:
     best_number: int
@@ -27,18 +24,14 @@ def read_answers(trials: Sequence[object], best: Optional[Mapping[str, object]])
     """From the study's trials (Optuna FrozenTrials): None when the best trial generated nothing."""
     if best is None:
         return None
-    by_number = {trial.number: trial for trial in trials}
-    best_trial = by_number.get(int(best["number"]))
+    best_trial = next((trial for trial in trials if trial.number == int(best["number"])), None)
     if best_trial is None or not best_trial.user_attrs.get(ANSWERS_KEY):
         return None
-    base_trial = next((trial for trial in trials
-                       if any(key.startswith(BASE_EVAL_PREFIX) for key in trial.user_attrs)), None)
-    base_attrs = base_trial.user_attrs if base_trial is not None else {}
-    base_scores = {key[len(BASE_PREFIX):]: value for key, value in base_attrs.items()
-                   if key.startswith(BASE_EVAL_PREFIX) and is_number(value)}
-    best_scores = {key: best_trial.user_attrs.get(key) for key in base_scores} or {
-        key: value for key, value in best_trial.user_attrs.items()
-        if key in GENERATION_METRICS}
+    # the trial that also answered with its adapter off (the search's first, unless it failed before)
+    base_attrs = next((trial.user_attrs for trial in trials if BASE_PREFIX + ANSWERS_KEY in trial.user_attrs), {})
+    base_scores = {name: base_attrs[BASE_PREFIX + name] for name in GENERATION_METRICS
+                   if is_number(base_attrs.get(BASE_PREFIX + name))}
+    best_scores = {name: best_trial.user_attrs[name] for name in GENERATION_METRICS if name in best_trial.user_attrs}
     return GeneratedAnswers(best_number=best_trial.number, best_scores=best_scores, base_scores=base_scores,
                             best=best_trial.user_attrs[ANSWERS_KEY],
                             base=base_attrs.get(BASE_PREFIX + ANSWERS_KEY) or [])
